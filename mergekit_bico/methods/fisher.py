@@ -1,0 +1,103 @@
+"""Fisher merging (Matena & Raffel, 2022): a per-parameter precision-weighted average.
+
+For one output tensor, with inputs ``theta_i``, diagonal Fishers ``F_i`` (same shape), weights
+``w_i``, ``floor`` and optional Fisher norms ``n_i``::
+
+    a_i   = w_i / n_i      if norms are given (normalize: true), else w_i
+    theta = sum_i a_i (F_i + floor) theta_i / sum_i a_i (F_i + floor)               (no base)
+    theta = base + sum_i a_i (F_i + floor) (theta_i - base) / sum_i a_i (F_i + floor)  (with base:
+                                                        Fisher-weighted task arithmetic on deltas)
+
+All element-wise; shapes ``[*]`` of the tensor. ``n_i`` is the global L2 norm of model i's whole
+Fisher (recorded at calibration time), so models whose losses have different scales count equally.
+
+Fallback rule: at every element where ALL models' Fishers are exactly zero (no model's loss
+touches that parameter, e.g. an unused head), and wherever the denominator is zero or not finite,
+the result is the plain weighted average ``sum_i w_i theta_i / sum_i w_i`` (raw weights, no norms;
+with a base this equals ``base + sum_i w_i delta_i / sum_i w_i``). With ``floor > 0`` elements
+that some but not all models touch are handled by the formula (the untouched models count with
+weight ``a_i * floor``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from mergekit_bico.errors import TensorMismatchError
+
+__all__ = ["fisher_merge", "DEFAULT_FISHER_FLOOR"]
+
+DEFAULT_FISHER_FLOOR = 1e-6
+
+
+def fisher_merge(
+    tensors: Sequence[torch.Tensor],
+    fishers: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: Optional[torch.Tensor],
+    floor: float,
+    norms: Optional[Sequence[float]],
+) -> torch.Tensor:
+    """Fisher-weighted average of ``tensors`` (see the module docstring for the maths and the
+    zero-Fisher fallback). ``tensors[i]``, ``fishers[i]`` and ``base`` share one shape; the result
+    has it, in ``tensors[0]``'s dtype (computed in float32, float64 when the inputs are float64).
+    ``norms[i] <= 0`` or non-finite counts as 1 (a model with an all-zero Fisher)."""
+    n = len(tensors)
+    if n == 0:
+        raise TensorMismatchError("fisher merge needs at least one input tensor")
+    if len(fishers) != n or len(weights) != n or (norms is not None and len(norms) != n):
+        raise TensorMismatchError(
+            f"fisher merge got {n} tensors, {len(fishers)} Fishers, {len(weights)} weights"
+            + (f", {len(norms)} norms" if norms is not None else "")
+        )
+    shape = tensors[0].shape
+    for i, (t, f) in enumerate(zip(tensors, fishers)):
+        if t.shape != shape or f.shape != shape:
+            raise TensorMismatchError(
+                f"fisher merge input {i}: tensor shape {tuple(t.shape)} / Fisher shape {tuple(f.shape)} "
+                f"differ from {tuple(shape)}"
+            )
+    if base is not None and base.shape != shape:
+        raise TensorMismatchError(f"fisher merge: base shape {tuple(base.shape)} differs from {tuple(shape)}")
+    if not math.isfinite(floor) or floor < 0:
+        raise ValueError(f"fisher_floor must be a finite number >= 0, got {floor}")
+    weight_sum = float(sum(weights))
+    if weight_sum == 0 or not math.isfinite(weight_sum):
+        raise ValueError(f"fisher merge weights must have a finite non-zero sum, got {list(weights)}")
+
+    out_dtype = tensors[0].dtype
+    work = torch.float64 if out_dtype == torch.float64 else torch.float32
+    scales = []
+    for i, w in enumerate(weights):
+        norm = 1.0 if norms is None else float(norms[i])
+        if not math.isfinite(norm) or norm <= 0:
+            norm = 1.0
+        scales.append(float(w) / norm)
+
+    base_w = base.to(work) if base is not None else None
+    numerator = torch.zeros(shape, dtype=work, device=tensors[0].device)
+    denominator = torch.zeros(shape, dtype=work, device=tensors[0].device)
+    plain = torch.zeros(shape, dtype=work, device=tensors[0].device)
+    all_zero = torch.ones(shape, dtype=torch.bool, device=tensors[0].device)
+    for t, f, w, a in zip(tensors, fishers, weights, scales):
+        value = t.to(work)
+        if base_w is not None:
+            value = value - base_w
+        fw = f.to(device=value.device, dtype=work)
+        all_zero &= fw == 0
+        precision = (fw + floor) * a
+        numerator.addcmul_(precision, value)
+        denominator.add_(precision)
+        plain.add_(value, alpha=float(w))
+        del value, fw, precision
+    plain.div_(weight_sum)
+    merged = numerator / denominator
+    fallback = all_zero | (denominator == 0) | ~torch.isfinite(merged)
+    merged = torch.where(fallback, plain, merged)
+    if base_w is not None:
+        merged = merged + base_w
+    return merged.to(out_dtype)

@@ -1,0 +1,110 @@
+"""The whole data path for one config: plan -> [calibrate] -> [transfer] -> merge -> write."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from mergekit_bico.config import MergeConfig
+from mergekit_bico.errors import ConfigError
+from mergekit_bico.executor import Inputs, RunOptions, RunResult, run_plan
+from mergekit_bico.plan import Plan, build_plan
+
+log = logging.getLogger("mergekit_bico")
+
+CACHE_NAME = ".mergekit_bico_cache"
+
+
+def default_cache_dir(out_path: Path) -> Path:
+    """Statistics are cached beside the output folder, so reruns into the same place reuse them."""
+    return out_path.absolute().parent / CACHE_NAME
+
+
+def _needs_fisher(plan: Plan) -> bool:
+    return bool(getattr(plan.method, "needs_stats", False))
+
+
+def _prepare_fisher(plan: Plan, inputs: Inputs, cache_dir: Path, device: str, progress: bool) -> Iterator[str]:
+    from mergekit_bico.calibration.fisher import compute_fisher
+    from mergekit_bico.calibration.store import StatsStore
+
+    store = StatsStore(cache_dir)
+    estimator = plan.jobs[0].global_params.get("estimator") if plan.jobs else None
+    for i, entry in enumerate(plan.entries):
+        if entry.calibration is None:
+            raise ConfigError(
+                f"{entry.label}: merge_method 'fisher' needs calibration data "
+                "(a calibration: block on the model entry or at the top level)"
+            )
+        kwargs = {"estimator": estimator} if estimator else {}
+        started = time.perf_counter()
+        path = compute_fisher(entry.path, entry.calibration, device=device, store=store, progress=progress, **kwargs)
+        inputs.stats[i] = store.open(path, model_fingerprint=plan.models[entry.path].fingerprint())
+        yield f"Fisher statistics for {entry.label}: {path} ({time.perf_counter() - started:.1f} s)"
+
+
+def _prepare_transfers(plan: Plan, inputs: Inputs, cache_dir: Path, device: str, progress: bool) -> tuple[list[Any], list[str]]:
+    prepared: list[Any] = []
+    lines: list[str] = []
+    if not plan.transfers:
+        return prepared, lines
+    from mergekit_bico.transfer import prepare_transfer
+
+    if plan.transfers and plan.base_path is None:
+        raise ConfigError("a transfer: block needs base_model (the target base the delta is carried to)")
+    for entry, tcfg, calib in plan.transfers:
+        started = time.perf_counter()
+        from mergekit_bico.plan import resolve_model_path
+
+        tcfg = tcfg.model_copy(update={"source_base": resolve_model_path(tcfg.source_base, plan.config_dir)})
+        prepared.append(
+            prepare_transfer(
+                cfg=tcfg, source_finetuned=entry.path, target_base=plan.base_path, calibration=calib,
+                cache_dir=cache_dir, device=device, progress=progress,
+            )
+        )
+        lines.append(f"transfer ({tcfg.method}) prepared for {entry.label} in {time.perf_counter() - started:.1f} s")
+    inputs.transfers = prepared
+    return prepared, lines
+
+
+def run_merge(
+    config: MergeConfig,
+    config_path: Optional[Path],
+    out_path: Path,
+    options: RunOptions,
+    *,
+    random_seed: int = 0,
+    config_text: Optional[str] = None,
+) -> RunResult:
+    """Plan, prepare statistics (cached), merge and write ``out_path`` atomically."""
+    config_dir = config_path.parent if config_path else None
+    plan = build_plan(config, config_dir=config_dir, random_seed=random_seed)
+    if config_text is None:
+        config_text = config_path.read_text() if config_path else ""
+    cache_dir = options.cache_dir or default_cache_dir(out_path)
+
+    def prepare(inputs: Inputs) -> list[Any]:
+        if _needs_fisher(plan):
+            for line in _prepare_fisher(plan, inputs, cache_dir, options.device, options.progress):
+                log.info(line)
+        prepared, lines = _prepare_transfers(plan, inputs, cache_dir, options.device, options.progress)
+        for line in lines:
+            log.info(line)
+        return prepared
+
+    return run_plan(plan, out_path, options, config_text=config_text, prepare=prepare)
+
+
+def calibrate_only(config: MergeConfig, config_path: Path, cache_dir: Path, *, device: str, progress: bool) -> Iterator[str]:
+    """Compute (or find cached) every statistic ``config`` needs; yields one line per item."""
+    plan = build_plan(config, config_dir=config_path.parent)
+    inputs = Inputs(plan, RunOptions(device=device, progress=progress), None)
+    if _needs_fisher(plan):
+        yield from _prepare_fisher(plan, inputs, cache_dir, device, progress)
+    _, lines = _prepare_transfers(plan, inputs, cache_dir, device, progress)
+    yield from lines
+    if not _needs_fisher(plan) and not plan.transfers:
+        yield f"nothing to calibrate: merge_method '{plan.method.name}' uses no statistics and no model has a transfer: block"
