@@ -115,8 +115,11 @@ def _do_merge(config_file: str, out_path: str, *, out_shard_size: str, device: s
         plan = build_plan(config, config_dir=config_path.parent, random_seed=random_seed)
         click.echo(plan_summary(plan))
         return
+    from mergekit_bico.plan import resolve_model_path
+
+    protected = [Path(resolve_model_path(m, config_path.parent)) for m in config.referenced_models()]
     cleanup_stale_partials(out)
-    check_output_dir(out, overwrite=overwrite)
+    check_output_dir(out, overwrite=overwrite, protected=protected)
     options = RunOptions(
         out_shard_size=shard_bytes, device=device, overwrite=overwrite, copy_tokenizer=copy_tokenizer,
         write_model_card=write_model_card, progress=not quiet, cache_dir=cache_dir,

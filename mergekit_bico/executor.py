@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from mergekit_bico.config import MergeConfig
 from mergekit_bico.errors import ConfigError, TensorMismatchError
 from mergekit_bico.io.writer import ShardedWriter, atomic_output_dir, copy_support_files
+from mergekit_bico.methods.registry import make_generator
 from mergekit_bico.plan import Job, Plan, layer_of
 
 log = logging.getLogger("mergekit_bico")
@@ -87,8 +88,8 @@ def _merge_one(job: Job, inputs: Inputs) -> torch.Tensor:
     tensors, base = inputs.load(job)
     generator = None
     if job.seed is not None:
-        generator = torch.Generator(device=inputs.options.device)
-        generator.manual_seed(job.seed)
+        # seeded by (seed, tensor name), on the CPU: masks depend on neither job order nor device
+        generator = make_generator(job.seed, job.name, "cpu")
     kwargs: dict[str, Any] = {}
     if getattr(job.method, "needs_stats", False):
         kwargs["stats"] = [inputs.stats[i].get(job.name) if i in inputs.stats else None for i in job.entries]
@@ -98,7 +99,7 @@ def _merge_one(job: Job, inputs: Inputs) -> torch.Tensor:
     )
     if tuple(out.shape) != tuple(job.shape) and job.method.name != "passthrough":
         raise TensorMismatchError(f"merge of '{job.name}' produced shape {list(out.shape)}, expected {list(job.shape)}")
-    dtype = job.out_dtype or (base.dtype if base is not None else tensors[0].dtype)
+    dtype = job.out_dtype or out.dtype  # out_dtype, else the computation dtype (as mergekit)
     return out.to("cpu", dtype)
 
 
@@ -153,7 +154,8 @@ def run_plan(
     inputs = Inputs(plan, options, compute_dtype)
     extra_reports: list[Any] = prepare(inputs) if prepare else []
     order = _storage_order(plan)
-    with atomic_output_dir(out_path, overwrite=options.overwrite) as tmp:
+    protected = [Path(p) for p in plan.models]
+    with atomic_output_dir(out_path, overwrite=options.overwrite, protected=protected) as tmp:
         writer = ShardedWriter(tmp, options.out_shard_size, metadata={"format": "pt", "mergekit_bico": plan.method.name})
         bar = tqdm(order, desc="merging", unit="tensor", disable=not options.progress)
         for job in bar:

@@ -6,7 +6,6 @@ error (missing tensor, shape mismatch, missing parameter, bad value) before any 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -58,12 +57,6 @@ def num_layers(model: LazyModel) -> int:
             return cfg[key]
     indices = [p[1] for p in (layer_of(n) for n in model.keys()) if p]
     return max(indices) + 1 if indices else 0
-
-
-def generator_seed(seed: int, tensor_name: str) -> int:
-    """Seed of the per-tensor ``torch.Generator``: a hash of (seed, output tensor name)."""
-    digest = hashlib.sha256(f"{seed}\x00{tensor_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +343,7 @@ class Planner:
                     f"vs {list(shape)} in '{ref_path}'"
                 )
             base = InputRef(model=base_path, tensor=in_name)
-        seed = generator_seed(self.random_seed, out_name) if self.method.uses_rng else None
+        seed = self.random_seed if self.method.uses_rng else None
         return Job(
             name=out_name,
             shape=tuple(shape),

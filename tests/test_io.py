@@ -403,6 +403,22 @@ def test_legacy_bin_without_mmap_and_corrupt_bin(tiny, tmp_path):
         LazyModel(d).keys()
 
 
+def test_bin_index_lying_about_tensor(tiny, tmp_path):
+    d = _copy(tiny["bin_index"], tmp_path / "m")
+    idx = d / "pytorch_model.bin.index.json"
+    data = json.loads(idx.read_text())
+    data["weight_map"]["ghost.weight"] = "pytorch_model-00001-of-00002.bin"
+    idx.write_text(json.dumps(data))
+    m = LazyModel(d)
+    assert "ghost.weight" in m  # the index is trusted for names until the shard is read
+    with pytest.raises(ModelLoadError, match=r"says tensor 'ghost.weight' is in shard 'pytorch_model-00001"):
+        m.shape("ghost.weight")
+    data["weight_map"]["ghost.weight"] = "../evil.bin"
+    idx.write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match=r"names shard '\.\./evil.bin' outside the model folder"):
+        LazyModel(d)
+
+
 # ------------------------------------------------------------- fingerprint
 
 

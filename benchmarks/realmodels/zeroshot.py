@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="model folder, or 'A' / 'B' for the two MiniLM bases")
     parser.add_argument("--tasks", nargs="+", default=list(_data.TASKS))
     parser.add_argument("--split", default="test")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from benchmarks.realmodels import model_a_dir, model_b_dir

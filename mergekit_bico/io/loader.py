@@ -441,8 +441,14 @@ class LazyModel:
                         f"entry '{key}' in '{rel}' is not a tensor ({type(value).__name__})"
                     )
             if rel not in self._bin_loaded:
-                self._bin_loaded.add(rel)
-                if not self._bin_keys_known:  # single pytorch_model.bin
+                if self._bin_keys_known:  # index layout: the index must be right
+                    missing = [k for k, f in self._where.items() if f == rel and k not in sd]
+                    if missing:
+                        raise self._err(
+                            f"index '{self._index_file}' says tensor '{missing[0]}' is in shard "
+                            f"'{rel}', but that shard has no such tensor"
+                        )
+                else:  # single pytorch_model.bin: the pickle defines the keys
                     for key in sd:
                         self._where[key] = rel
                         self._order.append(key)
@@ -452,12 +458,7 @@ class LazyModel:
                         self._info[key] = _TensorInfo(
                             rel, value.dtype, tuple(value.shape), value.numel() * value.element_size()
                         )
-                missing = [k for k, f in self._where.items() if f == rel and k not in sd]
-                if missing:
-                    raise self._err(
-                        f"index '{self._index_file}' says tensor '{missing[0]}' is in shard "
-                        f"'{rel}', but that shard has no such tensor"
-                    )
+                self._bin_loaded.add(rel)
             self._bin_cache[rel] = sd
             # mmapped files cost only address space; a fully loaded legacy file
             # is kept alone so that at most one of them is resident.

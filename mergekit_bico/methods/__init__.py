@@ -9,17 +9,26 @@ from __future__ import annotations
 
 import importlib
 
+from mergekit_bico.methods import linear, passthrough, task_arithmetic  # noqa: F401  (register)
 from mergekit_bico.methods.registry import (
     REGISTRY,
     MergeMethod,
     ParamSpec,
     get_method,
     list_methods,
+    make_generator,
     register,
 )
-from mergekit_bico.methods import linear, passthrough, task_arithmetic  # noqa: F401  (register)
 
-__all__ = ["REGISTRY", "MergeMethod", "ParamSpec", "get_method", "list_methods", "register"]
+__all__ = [
+    "REGISTRY",
+    "MergeMethod",
+    "ParamSpec",
+    "get_method",
+    "list_methods",
+    "make_generator",
+    "register",
+]
 
 for _optional in ("fisher", "bico"):
     _module = f"{__name__}.{_optional}"

@@ -38,7 +38,7 @@ def linear_merge(
                 " set normalize: false or change the weights"
             )
     result = torch.zeros_like(first, dtype=dtype)
-    for tensor, coefficient in zip(tensors, weights.unbind(0)):
+    for tensor, coefficient in zip(tensors, weights.unbind(0), strict=True):
         result.addcmul_(tensor, coefficient)
     if normalize:
         result.div_(total)

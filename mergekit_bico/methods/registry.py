@@ -23,8 +23,11 @@ Contract of ``MergeMethod.fn`` (called by :meth:`MergeMethod.merge`)::
 * ``params``: ``{name: value}``; global parameters are scalars, model-scope
   parameters are tuples aligned with ``tensors``. Values are already validated
   and defaults filled.
-* ``generator``: the ``torch.Generator`` from the planner for ``uses_rng``
-  methods (may be ``None``: then torch's global RNG is used); ``None`` otherwise.
+* ``generator`` (keyword, only for ``uses_rng`` methods): the planner's
+  ``torch.Generator`` seeded from (seed, tensor name), see :func:`make_generator`;
+  may be ``None`` (torch's global RNG is then used).
+* ``stats`` (keyword, only for ``needs_stats`` methods): what the executor
+  passes as ``merge(..., stats=...)``, one entry per input tensor.
 
 The result has the tensors' shape; its dtype is the computation dtype.
 """
@@ -32,6 +35,7 @@ The result has the tensors' shape; its dtype is the computation dtype.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
@@ -47,6 +51,7 @@ __all__ = [
     "register",
     "get_method",
     "list_methods",
+    "make_generator",
     "MERGEKIT_UNSUPPORTED",
     "check_density",
     "check_finite",
@@ -217,8 +222,11 @@ class MergeMethod:
     check_entry: Callable[[Mapping[str, Any]], str | None] | None = field(
         default=None, compare=False
     )
-    # Exactly how many inputs (besides a required base) the method takes, if fixed.
+    # The most inputs (besides a required base) the method takes, if limited.
     max_inputs: int | None = None
+    # Methods that need per-input statistics (e.g. Fisher) get ``stats=`` from the
+    # executor: one entry per input tensor (or None), passed on to ``fn``.
+    needs_stats: bool = False
     doc: str = ""
 
     def __post_init__(self) -> None:
@@ -331,6 +339,7 @@ class MergeMethod:
         *,
         tensor_name: str,
         generator: torch.Generator | None = None,
+        stats: Sequence[Any] | None = None,
     ) -> torch.Tensor:
         """Merge the inputs of one output tensor, as mergekit 0.1.5 does.
 
@@ -397,10 +406,13 @@ class MergeMethod:
                 f"merge_method '{self.name}' needs at least one input model"
                 f" (tensor '{tensor_name}')"
             )
+        extra: dict[str, Any] = {}
+        if self.uses_rng:
+            extra["generator"] = generator
+        if self.needs_stats:
+            extra["stats"] = stats
         with torch.no_grad():
-            if self.uses_rng:
-                return self.fn(tensors, base, params, generator=generator)
-            return self.fn(tensors, base, params)
+            return self.fn(tensors, base, params, **extra)
 
 
 # ------------------------------------------------------------------------ registry
@@ -439,3 +451,19 @@ def get_method(name: str) -> MergeMethod:
 def list_methods() -> list[MergeMethod]:
     """All registered methods, sorted by name."""
     return [REGISTRY[name] for name in sorted(REGISTRY)]
+
+
+def make_generator(
+    seed: int, tensor_name: str, device: str | torch.device = "cpu"
+) -> torch.Generator:
+    """A generator seeded from ``(seed, tensor_name)`` only (SHA-256, 63 bits).
+
+    Random methods (DARE, DELLA) then give the same result for a tensor however
+    tensors are ordered, batched or parallelised, and different tensors get
+    independent streams. Use a CPU generator for results that do not depend on
+    the device (the sparsifiers draw on the generator's device and move).
+    """
+    digest = hashlib.sha256(f"{int(seed)}\x00{tensor_name}".encode()).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return generator

@@ -1,0 +1,5 @@
+"""``python -m mergekit_bico ...`` is ``mergekit-bico ...``."""
+
+from mergekit_bico.cli import main
+
+main()

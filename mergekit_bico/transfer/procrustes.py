@@ -1,0 +1,135 @@
+"""Orthogonal / semi-orthogonal Procrustes from accumulated cross-covariances.
+
+Given paired rows ``X_A`` (n x d_A) and ``X_B`` (n x d_B), the map ``R`` (d_A x d_B) minimising
+``||X_A R - X_B||_F`` over ``R`` with orthonormal columns (d_A >= d_B: ``R^T R = I``) or
+orthonormal rows (d_A <= d_B: ``R R^T = I``) is ``R = U V^T`` for the thin SVD
+``C = X_A^T X_B = U S V^T``. Only ``C`` is needed, never the rows themselves. For d_A <= d_B this
+is the exact minimiser; for d_A > d_B (narrowing) ``||X_A R||`` is no longer constant over the
+feasible set and ``U V^T`` is the maximiser of ``tr(R^T C)``, i.e. the exact minimiser of the
+mirrored fit ``||X_B R^T - X_A||_F`` (the map is symmetric: fitting B -> A from ``C^T`` gives ``R^T``);
+it recovers ``R`` exactly whenever B keeps a subspace of A uncorrelated with the dropped part.
+
+Rank-deficient ``C`` (fewer informative tokens than the width, or a direction no token ever uses,
+e.g. the all-ones direction after LayerNorm's centering): singular directions with
+``s <= rtol * s_max`` carry no information and an SVD returns them arbitrarily. We complete them
+deterministically with the map closest to the identity (``I_{d_A x d_B}``): the null parts are
+mapped by the Procrustes solution of the identity restricted to the two complements. ``R`` stays
+exactly (semi-)orthogonal, the fitted part is unchanged, and where the statistics say nothing the
+coordinates are kept.
+
+The residual ``||X_A R - X_B||_F / ||X_B||_F`` follows from second moments:
+``||X_A R - X_B||^2 = tr(R^T M_A R) - 2 tr(R^T C) + tr(M_B)`` with ``M = X^T X``; and
+``tr(R^T C) = sum(s)`` for ``R = U V^T``. When ``d_A <= d_B`` (``R R^T = I``) the first term is
+``tr(M_A)``, so only traces are needed; otherwise the full ``M_A`` is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["ProcrustesFit", "procrustes", "procrustes_batched", "relative_residual", "polar"]
+
+DEFAULT_RTOL = 1e-6
+
+
+@dataclass
+class ProcrustesFit:
+    """``r``: (d_A, d_B) map (float64); ``singular_values``: (min(d_A, d_B),) of ``C``;
+    ``rank``: number of informative directions (``s > rtol * s_max``); ``trace_rc``: ``tr(R^T C)``."""
+
+    r: torch.Tensor
+    singular_values: torch.Tensor
+    rank: int
+    trace_rc: float  # tr(R^T C) (= sum of singular values up to the completed null part)
+
+
+def polar(m: torch.Tensor) -> torch.Tensor:
+    """Orthogonal (semi-orthogonal) polar factor ``U V^T`` of ``m`` (thin SVD, any rank)."""
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    return u @ vh
+
+
+def _complete(c: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, rank: int) -> torch.Tensor:
+    """R = U_r V_r^T + N_A W N_B^T with N the orthonormal complements of the informative singular
+    vectors and W the polar factor of N_A^T I N_B (closest-to-identity completion)."""
+    d_a, d_b = c.shape
+    k = min(d_a, d_b)
+    u_full, _, vh_full = torch.linalg.svd(c, full_matrices=True)
+    # the informative part from the thin SVD (same as the full one up to sign conventions)
+    ur, vr = u[:, :rank], vh[:rank, :].T
+    # orthonormal complements: project the full bases away from the informative part and re-orthonormalise
+    n_a = u_full[:, rank:]
+    n_a = n_a - ur @ (ur.T @ n_a)
+    n_a, _ = torch.linalg.qr(n_a)
+    n_b = vh_full[rank:, :].T
+    n_b = n_b - vr @ (vr.T @ n_b)
+    n_b, _ = torch.linalg.qr(n_b)
+    r = ur @ vr.T
+    if k > rank:
+        eye = torch.eye(d_a, d_b, dtype=c.dtype, device=c.device)
+        w = n_a.T @ eye @ n_b                       # (d_a - rank) x (d_b - rank)
+        if float(w.abs().max()) == 0.0:             # identity prior says nothing either: any completion
+            w = torch.eye(*w.shape, dtype=c.dtype, device=c.device)
+        r = r + n_a @ polar(w) @ n_b.T
+    return r
+
+
+def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> list[ProcrustesFit]:
+    """Procrustes maps for a stack ``c`` (b, d_A, d_B) of cross-covariances, one batched float64 SVD.
+
+    Returns one :class:`ProcrustesFit` per matrix; rank-deficient matrices get the
+    closest-to-identity completion (see the module docstring).
+    """
+    if c.dim() == 2:
+        c = c.unsqueeze(0)
+    c = c.to(torch.float64)
+    u, s, vh = torch.linalg.svd(c, full_matrices=False)
+    r = u @ vh
+    fits: list[ProcrustesFit] = []
+    for i in range(c.shape[0]):
+        s_i = s[i]
+        smax = float(s_i[0]) if s_i.numel() else 0.0
+        rank = int((s_i > rtol * smax).sum()) if smax > 0 else 0
+        r_i = r[i]
+        if rank < s_i.numel():
+            r_i = _complete(c[i], u[i], vh[i], rank)
+        fits.append(ProcrustesFit(r=r_i, singular_values=s_i, rank=rank, trace_rc=float((r_i * c[i]).sum())))
+    return fits
+
+
+def procrustes(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> ProcrustesFit:
+    """Procrustes map ``R`` (d_A x d_B) minimising ``||X_A R - X_B||_F`` from ``C = X_A^T X_B``."""
+    return procrustes_batched(c, rtol=rtol)[0]
+
+
+def relative_residual(
+    r: torch.Tensor,
+    trace_rc: float,
+    trace_b: float,
+    *,
+    trace_a: Optional[float] = None,
+    m_a: Optional[torch.Tensor] = None,
+) -> float:
+    """``||X_A R - X_B||_F / ||X_B||_F`` from second moments.
+
+    ``trace_rc = tr(R^T C)``, ``trace_b = tr(X_B^T X_B)``; the ``||X_A R||^2`` term is ``tr(R^T M_A R)``
+    from ``m_a`` (needed when d_A > d_B) or ``trace_a = tr(M_A)`` (exact when ``R R^T = I``).
+    Returns NaN when ``X_B`` is all zero.
+    """
+    if m_a is not None:
+        m_a = m_a.to(torch.float64)
+        r64 = r.to(torch.float64)
+        term_a = float(((m_a @ r64) * r64).sum())
+    elif trace_a is not None:
+        if r.shape[0] > r.shape[1]:
+            raise ValueError("residual with d_A > d_B needs the full second moment m_a, not its trace")
+        term_a = float(trace_a)
+    else:
+        raise ValueError("give m_a or trace_a")
+    if trace_b <= 0:
+        return float("nan")
+    sq = term_a - 2.0 * float(trace_rc) + float(trace_b)
+    return float(max(sq, 0.0) ** 0.5 / trace_b ** 0.5)

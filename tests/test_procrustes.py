@@ -1,0 +1,176 @@
+"""Procrustes maps against closed forms (no scipy): rotations, semi-orthogonal maps, rank
+deficiency, and the residual formula from second moments against the direct computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergekit_bico.transfer.procrustes import polar, procrustes, procrustes_batched, relative_residual
+
+
+def _orthogonal(d: int, gen: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _semi(d_a: int, d_b: int, gen: torch.Generator) -> torch.Tensor:
+    """A (d_a, d_b) matrix with orthonormal rows (d_a <= d_b) or columns (d_a >= d_b)."""
+    big = _orthogonal(max(d_a, d_b), gen)
+    return big[:d_a, :d_b]
+
+
+def _direct_residual(xa: torch.Tensor, xb: torch.Tensor, r: torch.Tensor) -> float:
+    return float(torch.linalg.norm(xa @ r - xb) / torch.linalg.norm(xb))
+
+
+def _residual_from_moments(xa: torch.Tensor, xb: torch.Tensor, fit) -> float:
+    c = xa.T @ xb
+    kwargs = {"m_a": xa.T @ xa} if xa.shape[1] > xb.shape[1] else {"trace_a": float((xa * xa).sum())}
+    assert math.isclose(fit.trace_rc, float((fit.r * c).sum()), rel_tol=1e-10)
+    return relative_residual(fit.r, fit.trace_rc, float((xb * xb).sum()), **kwargs)
+
+
+def test_known_rotation_is_recovered():
+    gen = torch.Generator().manual_seed(0)
+    q = _orthogonal(8, gen)
+    xa = torch.randn(200, 8, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, 8, dtype=torch.float64)
+    fit = procrustes(xa.T @ (xa @ q))
+    assert fit.rank == 8
+    torch.testing.assert_close(fit.r, q, rtol=0, atol=1e-10)
+    assert _direct_residual(xa, xa @ q, fit.r) < 1e-12
+
+
+def test_two_by_two_closed_form():
+    """In 2-D the optimum over O(2) is a rotation by atan2(c-b, a+d) or a reflection, whichever
+    gives the larger tr(R^T C): sqrt((a+d)^2+(c-b)^2) vs sqrt((a-d)^2+(b+c)^2)."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        c = torch.randn(2, 2, generator=gen, dtype=torch.float64)
+        a, b, cc, d = c[0, 0].item(), c[0, 1].item(), c[1, 0].item(), c[1, 1].item()
+        rot_val = math.hypot(a + d, cc - b)
+        ref_val = math.hypot(a - d, b + cc)
+        if rot_val >= ref_val:
+            t = math.atan2(cc - b, a + d)
+            expected = torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=torch.float64)
+        else:
+            t = math.atan2(b + cc, a - d)
+            expected = torch.tensor([[math.cos(t), math.sin(t)], [math.sin(t), -math.cos(t)]], dtype=torch.float64)
+        fit = procrustes(c)
+        torch.testing.assert_close(fit.r, expected, rtol=0, atol=1e-10)
+        assert math.isclose(fit.trace_rc, max(rot_val, ref_val), rel_tol=1e-10)
+
+
+def test_semi_orthogonal_widening_is_recovered():
+    """d_A < d_B: X_B = X_A P with orthonormal rows P; R R^T = I and R = P exactly."""
+    gen = torch.Generator().manual_seed(2)
+    p = _semi(6, 10, gen)
+    xa = torch.randn(300, 6, generator=gen, dtype=torch.float64)
+    xb = xa @ p
+    fit = procrustes(xa.T @ xb)
+    assert fit.r.shape == (6, 10)
+    torch.testing.assert_close(fit.r, p, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fit.r @ fit.r.T, torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert _residual_from_moments(xa, xb, fit) < 1e-6
+
+
+def test_semi_orthogonal_narrowing_is_recovered():
+    """d_A > d_B: B keeps a d_B-dim subspace range(P) of A's coordinates and A's other directions
+    are uncorrelated with it; R = U V^T (maximising tr(R^T C)) equals P and R^T R = I."""
+    gen = torch.Generator().manual_seed(2)
+    d_a, d_b, n = 10, 6, 300
+    full = _orthogonal(d_a, gen)
+    p = full[:, :d_b]
+    zw, _ = torch.linalg.qr(torch.randn(n, d_a, generator=gen, dtype=torch.float64))
+    zw = zw * torch.linspace(1, 5, d_a, dtype=torch.float64)  # orthogonal columns: Z^T W = 0
+    xa = zw @ full.T          # X_A P = Z, X_A P_perp = W
+    xb = xa @ p
+    fit = procrustes(xa.T @ xb)
+    torch.testing.assert_close(fit.r, p, rtol=0, atol=1e-10)
+    torch.testing.assert_close(fit.r.T @ fit.r, torch.eye(d_b, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert _residual_from_moments(xa, xb, fit) < 1e-6
+
+
+def test_map_is_symmetric_in_the_two_models():
+    """Fitting B -> A from C^T gives the transpose: R_BA = R_AB^T (any widths)."""
+    gen = torch.Generator().manual_seed(8)
+    for d_a, d_b in [(5, 5), (4, 7), (7, 4)]:
+        c = torch.randn(d_a, d_b, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(procrustes(c.T).r, procrustes(c).r.T, rtol=0, atol=1e-12)
+
+
+def test_zero_padded_widening_is_an_embedding():
+    """B = A's coordinates plus zero columns: R = [I, 0] (the padding receives nothing)."""
+    gen = torch.Generator().manual_seed(3)
+    xa = torch.randn(100, 5, generator=gen, dtype=torch.float64)
+    xb = torch.cat([xa, torch.zeros(100, 3, dtype=torch.float64)], dim=1)
+    fit = procrustes(xa.T @ xb)
+    torch.testing.assert_close(fit.r, torch.eye(5, 8, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_rank_deficient_fits_the_range_and_keeps_null_coordinates():
+    """X_A uses only r < d directions: R is still orthogonal, maps the used range exactly, and the
+    unused coordinates (no information) are completed by the closest-to-identity map."""
+    gen = torch.Generator().manual_seed(4)
+    d, r = 7, 4
+    q_r = _orthogonal(r, gen)
+    z = torch.randn(50, r, generator=gen, dtype=torch.float64)
+    xa = torch.cat([z, torch.zeros(50, d - r, dtype=torch.float64)], dim=1)
+    xb = torch.cat([z @ q_r, torch.zeros(50, d - r, dtype=torch.float64)], dim=1)
+    fit = procrustes(xa.T @ xb)
+    assert fit.rank == r
+    torch.testing.assert_close(fit.r.T @ fit.r, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(xa @ fit.r, xb, rtol=0, atol=1e-10)
+    expected = torch.eye(d, dtype=torch.float64)
+    expected[:r, :r] = q_r
+    torch.testing.assert_close(fit.r, expected, rtol=0, atol=1e-10)
+
+
+def test_rank_deficient_in_a_rotated_subspace():
+    """Low-rank data in a generic subspace (fewer tokens than dims): the fitted part is exact and
+    the map stays orthogonal; the residual is zero."""
+    gen = torch.Generator().manual_seed(5)
+    d = 9
+    q = _orthogonal(d, gen)
+    xa = torch.randn(5, d, generator=gen, dtype=torch.float64)  # 5 tokens < 9 dims
+    fit = procrustes(xa.T @ (xa @ q))
+    assert fit.rank == 5
+    torch.testing.assert_close(fit.r @ fit.r.T, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(xa @ fit.r, xa @ q, rtol=0, atol=1e-10)
+    assert _residual_from_moments(xa, xa @ q, fit) < 1e-6
+
+
+def test_all_zero_statistics_give_identity():
+    fit = procrustes(torch.zeros(4, 6, dtype=torch.float64))
+    assert fit.rank == 0
+    torch.testing.assert_close(fit.r, torch.eye(4, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("d_a,d_b", [(5, 5), (4, 7), (7, 4)])
+def test_residual_formula_matches_direct(d_a, d_b):
+    gen = torch.Generator().manual_seed(6)
+    xa = torch.randn(40, d_a, generator=gen, dtype=torch.float64)
+    xb = torch.randn(40, d_b, generator=gen, dtype=torch.float64) + xa @ torch.randn(d_a, d_b, generator=gen, dtype=torch.float64)
+    fit = procrustes(xa.T @ xb)
+    direct = _direct_residual(xa, xb, fit.r)
+    assert math.isclose(_residual_from_moments(xa, xb, fit), direct, rel_tol=1e-9)
+    # optimality: random (semi-)orthogonal maps never do better
+    for _ in range(10):
+        other = _semi(d_a, d_b, gen)
+        assert _direct_residual(xa, xb, other) >= direct - 1e-12
+
+
+def test_batched_equals_single_and_polar():
+    gen = torch.Generator().manual_seed(7)
+    cs = torch.randn(3, 6, 4, generator=gen, dtype=torch.float64)
+    fits = procrustes_batched(cs)
+    for c, fit in zip(cs, fits):
+        torch.testing.assert_close(fit.r, procrustes(c).r)
+        torch.testing.assert_close(fit.r, polar(c))
+
+
+def test_residual_needs_full_moment_when_narrowing():
+    with pytest.raises(ValueError):
+        relative_residual(torch.zeros(5, 3, dtype=torch.float64), 0.0, 1.0, trace_a=1.0)
