@@ -57,7 +57,13 @@ class Inputs:
         self.options = options
         self.compute_dtype = compute_dtype
         self.transfers: list[Any] = []          # PreparedTransfer per plan.transfers index
-        self.stats: dict[int, Any] = {}          # entry index -> statistics file (Fisher)
+        self.stats: dict[int, tuple[Any, float]] = {}   # entry index -> (Fisher stats file, its global norm)
+
+    def statistic(self, entry: int, name: str) -> tuple[Optional[torch.Tensor], float]:
+        """``(Fisher tensor or None, Fisher norm)`` of one input entry for output tensor ``name``."""
+        stats, norm = self.stats[entry]
+        tensor = stats.get(name) if name in stats else None
+        return (tensor.to(self.options.device) if tensor is not None else None), norm
 
     def _read(self, model: str, tensor: str) -> torch.Tensor:
         t = self.plan.models[model].get(tensor, dtype=self.compute_dtype)
@@ -92,7 +98,7 @@ def _merge_one(job: Job, inputs: Inputs) -> torch.Tensor:
         generator = make_generator(job.seed, job.name, "cpu")
     kwargs: dict[str, Any] = {}
     if getattr(job.method, "needs_stats", False):
-        kwargs["stats"] = [inputs.stats[i].get(job.name) if i in inputs.stats else None for i in job.entries]
+        kwargs["stats"] = [inputs.statistic(i, job.name) for i in job.entries]
     out = job.method.merge(
         tensors, base, job.model_params, job.global_params,
         tensor_name=job.name, generator=generator, **kwargs,

@@ -27,21 +27,24 @@ def _needs_fisher(plan: Plan) -> bool:
 
 
 def _prepare_fisher(plan: Plan, inputs: Inputs, cache_dir: Path, device: str, progress: bool) -> Iterator[str]:
-    from mergekit_bico.calibration.fisher import compute_fisher
+    from mergekit_bico.calibration.fisher import compute_fisher, fisher_norm
     from mergekit_bico.calibration.store import StatsStore
 
     store = StatsStore(cache_dir)
-    estimator = plan.jobs[0].global_params.get("estimator") if plan.jobs else None
+    settings = plan.jobs[0].global_params if plan.jobs else {}
     for i, entry in enumerate(plan.entries):
         if entry.calibration is None:
             raise ConfigError(
                 f"{entry.label}: merge_method 'fisher' needs calibration data "
                 "(a calibration: block on the model entry or at the top level)"
             )
-        kwargs = {"estimator": estimator} if estimator else {}
         started = time.perf_counter()
-        path = compute_fisher(entry.path, entry.calibration, device=device, store=store, progress=progress, **kwargs)
-        inputs.stats[i] = store.open(path, model_fingerprint=plan.models[entry.path].fingerprint())
+        path = compute_fisher(
+            entry.path, entry.calibration, device=device, store=store, progress=progress,
+            estimator=settings.get("fisher_estimator", "expected"), lm_samples=settings.get("lm_samples", 1),
+        )
+        stats = store.open(path, model_fingerprint=plan.models[entry.path].fingerprint())
+        inputs.stats[i] = (stats, fisher_norm(stats))
         yield f"Fisher statistics for {entry.label}: {path} ({time.perf_counter() - started:.1f} s)"
 
 

@@ -332,11 +332,11 @@ def state_dict64(path: Path) -> tuple[SD, Any]:
     return to64(model.state_dict()), model.config
 
 
-def apply_deltas(target: Path, prepared: Any, out_dtype: torch.dtype = torch.float64):
+def apply_deltas(target: Path, prepared: Any, out_dtype: torch.dtype = torch.float64, loader: Any = None):
     """The target model with every transferable delta added (float64 model)."""
     from mergekit_bico.io.loader import LazyModel
 
-    model = load_causal_lm(target, out_dtype)
+    model = (loader or load_causal_lm)(target, out_dtype)
     lazy = LazyModel(target)
     params = dict(model.named_parameters())
     applied = 0
@@ -350,3 +350,97 @@ def apply_deltas(target: Path, prepared: Any, out_dtype: torch.dtype = torch.flo
             params[name].copy_(lazy.get(name, dtype=out_dtype) + delta.to(out_dtype))
             applied += 1
     return model, applied
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT (post-LN: the LayerNorm output *is* the residual stream, so only permutations of the hidden
+# axis commute with it; heads and MLP neurons can be permuted freely)
+
+
+def bert_prefix(sd: SD) -> str:
+    return "bert." if any(k.startswith("bert.") for k in sd) else ""
+
+
+def bert_layers(sd: SD) -> list[int]:
+    return _layers(sd, r"^(?:bert\.)?encoder\.layer\.(\d+)\.")
+
+
+def bert_permute_hidden(sd: SD, perm: torch.Tensor) -> SD:
+    """New hidden coordinate ``k`` = old ``perm[k]`` everywhere on the residual axis."""
+    sd = dict(sd)
+    p = bert_prefix(sd)
+    for n in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+        sd[f"{p}embeddings.{n}.weight"] = sd[f"{p}embeddings.{n}.weight"][:, perm]
+    for n in ("weight", "bias"):
+        sd[f"{p}embeddings.LayerNorm.{n}"] = sd[f"{p}embeddings.LayerNorm.{n}"][perm]
+    for i in bert_layers(sd):
+        pre = f"{p}encoder.layer.{i}."
+        for n in ("attention.self.query", "attention.self.key", "attention.self.value", "intermediate.dense"):
+            sd[pre + n + ".weight"] = sd[pre + n + ".weight"][:, perm]
+        for n in ("attention.output.dense", "output.dense"):
+            sd[pre + n + ".weight"] = sd[pre + n + ".weight"][perm]
+            sd[pre + n + ".bias"] = sd[pre + n + ".bias"][perm]
+        for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+            sd[pre + n + ".weight"] = sd[pre + n + ".weight"][perm]
+            sd[pre + n + ".bias"] = sd[pre + n + ".bias"][perm]
+    if f"{p}pooler.dense.weight" in sd:
+        sd[f"{p}pooler.dense.weight"] = sd[f"{p}pooler.dense.weight"][:, perm]
+    return sd
+
+
+def bert_permute_pooler(sd: SD, perm: torch.Tensor) -> SD:
+    """Permute the pooler's outputs (tanh is elementwise) and the classifier's inputs."""
+    sd = dict(sd)
+    p = bert_prefix(sd)
+    sd[f"{p}pooler.dense.weight"] = sd[f"{p}pooler.dense.weight"][perm]
+    sd[f"{p}pooler.dense.bias"] = sd[f"{p}pooler.dense.bias"][perm]
+    sd["classifier.weight"] = sd["classifier.weight"][:, perm]
+    return sd
+
+
+def bert_permute_heads_and_mlp(sd: SD, n_head: int, layer: int, head_perm: list[int], mlp_perm: torch.Tensor,
+                               v_rot: Optional[list[torch.Tensor]] = None) -> SD:
+    """Permute whole heads (q/k/v rows + biases, attention-output columns), optionally rotate each
+    value head (``v -> U v``), and permute MLP neurons."""
+    sd = dict(sd)
+    pre = f"{bert_prefix(sd)}encoder.layer.{layer}."
+    d = sd[pre + "attention.self.query.weight"].shape[0]
+    hd = d // n_head
+    idx = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in head_perm])
+    for n in ("query", "key", "value"):
+        sd[pre + f"attention.self.{n}.weight"] = sd[pre + f"attention.self.{n}.weight"][idx]
+        sd[pre + f"attention.self.{n}.bias"] = sd[pre + f"attention.self.{n}.bias"][idx]
+    sd[pre + "attention.output.dense.weight"] = sd[pre + "attention.output.dense.weight"][:, idx]
+    if v_rot is not None:
+        w, b = sd[pre + "attention.self.value.weight"].clone(), sd[pre + "attention.self.value.bias"].clone()
+        o = sd[pre + "attention.output.dense.weight"].clone()
+        for h, u in enumerate(v_rot):
+            sl = slice(h * hd, (h + 1) * hd)
+            w[sl], b[sl] = u @ w[sl], u @ b[sl]
+            o[:, sl] = o[:, sl] @ u.T
+        sd[pre + "attention.self.value.weight"], sd[pre + "attention.self.value.bias"] = w, b
+        sd[pre + "attention.output.dense.weight"] = o
+    sd[pre + "intermediate.dense.weight"] = sd[pre + "intermediate.dense.weight"][mlp_perm]
+    sd[pre + "intermediate.dense.bias"] = sd[pre + "intermediate.dense.bias"][mlp_perm]
+    sd[pre + "output.dense.weight"] = sd[pre + "output.dense.weight"][:, mlp_perm]
+    return sd
+
+
+def save_classifier(config: Any, sd: SD, path: Path, shard_size: str = "40KB") -> Path:
+    from transformers import AutoModelForSequenceClassification
+
+    from tests._tiny import make_tiny_tokenizer
+
+    model = AutoModelForSequenceClassification.from_config(config).to(torch.float32)
+    missing, unexpected = model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), max_shard_size=shard_size, safe_serialization=True)
+    make_tiny_tokenizer(path)
+    return path
+
+
+def load_classifier(path: Path, dtype: torch.dtype = torch.float64):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype).eval()

@@ -113,7 +113,10 @@ def _check_full_rank(prepared, allow_deficit: int = 0) -> None:
 # 1. rotation + head / neuron permutations (Llama)
 
 
-def test_llama_rotation_and_permutations(llama_pair):
+@pytest.fixture(scope="module")
+def llama_rotated(llama_pair) -> Path:
+    """B: norms folded, residual rotated, heads permuted (whole heads: RoPE), value heads rotated,
+    MLP neurons permuted."""
     root, a, ft, calib = llama_pair
     sd, config = rp.state_dict64(a)
     gen = torch.Generator().manual_seed(7)
@@ -126,7 +129,12 @@ def test_llama_rotation_and_permutations(llama_pair):
     b = rp.save_causal_lm(config, sd, root / "B_rot")
     ids = _held_out()
     assert _rel(_logits(rp.load_causal_lm(b), ids), _logits(rp.load_causal_lm(a), ids)) < 1e-5  # B == A
+    return b
 
+
+def test_llama_rotation_and_permutations(llama_pair, llama_rotated):
+    root, a, ft, calib = llama_pair
+    b = llama_rotated
     prepared = _transfer(root, a, ft, b, calib)
     _check_full_rank(prepared)
     err = _error(prepared, b, ft)
@@ -148,14 +156,10 @@ def test_llama_rotation_and_permutations(llama_pair):
     torch.testing.assert_close(again.delta(name), prepared.delta(name))
 
 
-def test_llama_memory_budget_splits_passes(llama_pair, tmp_path):
+def test_llama_memory_budget_splits_passes(llama_pair, llama_rotated, tmp_path):
     """A budget smaller than all statistics splits the blocks over passes, same maps."""
     root, a, ft, calib = llama_pair
-    sd, config = rp.state_dict64(a)
-    gen = torch.Generator().manual_seed(8)
-    sd = rp.llama_fold_norms(sd)
-    sd, config = rp.llama_embed_residual(sd, config, rp.random_orthogonal(32, gen))
-    b = rp.save_causal_lm(config, sd, tmp_path / "B")
+    b = llama_rotated
     one = prepare_transfer(cfg=TransferConfig(source_base=str(a)), source_finetuned=ft, target_base=b,
                            calibration=calib, cache_dir=tmp_path / "c1", progress=False)
     split = prepare_transfer(cfg=TransferConfig(source_base=str(a), memory_budget="1M"), source_finetuned=ft,
@@ -265,3 +269,201 @@ def test_gpt2_rotation_and_permutations(tmp_path):
 
     naive = _transfer(root, a, ft, b, calib, method="naive")
     assert _error(naive, b, ft) > 100 * TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT (post-LN, sequence classification): the diagonal norm rule is exact for permutations
+
+
+def _finetune_classifier(src: Path, dst: Path, *, steps: int = 6, lr: float = 3e-3, seed: int = 3) -> Path:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(src), dtype=torch.float32)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(7, 128, (8, 12), generator=gen)
+        loss = model(input_ids=ids, labels=torch.randint(0, 2, (8,), generator=gen)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(dst), max_shard_size="40KB", safe_serialization=True)
+    make_tiny_tokenizer(dst)
+    return dst
+
+
+def test_bert_permutations_with_diagonal_norm_rule(tmp_path):
+    from tests._tiny import make_tiny_classifier, write_jsonl
+
+    a = make_tiny_classifier(tmp_path / "A", arch="bert", seed=0)
+    ft = _finetune_classifier(a, tmp_path / "A_ft")
+    rng = random.Random(1)
+    vocab = WORDS + [f"w{i}" for i in range(60)]
+    rows = [{"text": " ".join(rng.choice(vocab) for _ in range(rng.randint(8, 14))), "label": rng.randint(0, 1)} for _ in range(80)]
+    # 80 sequences: the last block's MLP gradients live on the [CLS] rows only, so >= 64 sequences
+    # are needed for full rank there (the pooled spaces need >= 32)
+    calib = CalibrationConfig(data=str(write_jsonl(tmp_path / "calib.jsonl", rows)), samples=80, max_length=16, batch_size=16)
+    model_a = rp.load_classifier(a)
+    sd, config = rp.to64(model_a.state_dict()), model_a.config
+    gen = torch.Generator().manual_seed(5)
+    sd = rp.bert_permute_hidden(sd, torch.randperm(32, generator=gen))
+    sd = rp.bert_permute_pooler(sd, torch.randperm(32, generator=gen))
+    for layer in range(2):
+        sd = rp.bert_permute_heads_and_mlp(sd, 4, layer, [3, 1, 0, 2], torch.randperm(64, generator=gen),
+                                           v_rot=[rp.random_orthogonal(8, gen) for _ in range(4)])
+    b = rp.save_classifier(config, sd, tmp_path / "B")
+    ids = torch.randint(7, 128, (6, 14), generator=torch.Generator().manual_seed(9))
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits.to(torch.float64)
+
+    ref = logits(rp.load_classifier(ft))
+    assert _rel(logits(rp.load_classifier(b)), logits(model_a)) < 1e-5
+    assert _rel(ref, logits(model_a)) > 0.05
+
+    # a classification loss gives low-rank output gradients (the pooler's come from a 2-class head:
+    # rank ~13 < 32 whatever the data; near-linear tiny MLPs lose more), so output spaces use
+    # `combined` statistics (gradients + activations), which restores full rank
+    grads_only = _transfer(tmp_path, a, ft, b, calib)
+    deficient = {r["space"] for r in grads_only.report()["spaces"]
+                 if r["well_determined_rank"] < min(r["d_source"], r["d_target"]) - 1}
+    assert "pool_out" in deficient
+    prepared = _transfer(tmp_path, a, ft, b, calib, output_space="combined")
+    _check_full_rank(prepared, allow_deficit=1)
+    model, _ = rp.apply_deltas(b, prepared, loader=rp.load_classifier)
+    assert _rel(logits(model), ref) <= TOL
+    rep = prepared.report()
+    assert "bert.encoder.layer.0.output.LayerNorm.weight" in rep["rules"]["norm (diagonal conjugation)"]
+    assert "classifier.weight" in rep["rules"]["linear"]
+    assert rep["untransferred"] == []
+    naive = _transfer(tmp_path, a, ft, b, calib, method="naive")
+    model, _ = rp.apply_deltas(b, naive, loader=rp.load_classifier)
+    assert _rel(logits(model), ref) > 100 * TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics variants, baselines, refusals and the report
+
+
+@pytest.mark.parametrize("output_space", ["activations", "combined"])
+def test_output_space_variants_are_exact_too(llama_pair, llama_rotated, output_space):
+    """Output activations relate by the same maps as output gradients on a reparametrisation."""
+    root, a, ft, calib = llama_pair
+    prepared = _transfer(root, a, ft, llama_rotated, calib, output_space=output_space)
+    stats = {r["stat"] for r in prepared.report()["spaces"]}
+    assert stats == ({"X", "Y"} if output_space == "activations" else {"X", "G+Y"})
+    assert _error(prepared, llama_rotated, ft) <= TOL
+
+
+def test_finetuned_statistics_use_the_finetune(llama_pair, llama_rotated):
+    """statistics: finetuned pairs A' (not A) with B: a different cache entry, still a good map."""
+    root, a, ft, calib = llama_pair
+    prepared = _transfer(root, a, ft, llama_rotated, calib, statistics="finetuned")
+    rep = prepared.report()
+    assert rep["settings"]["statistics"] == "finetuned" and rep["cache"]["hit"] is False
+    assert max(r["residual"] for r in rep["spaces"]) > 1e-4   # A' is not a reparametrisation of B
+    assert _error(prepared, llama_rotated, ft) < 0.5
+
+
+def test_gradfix_keeps_entries_agreeing_with_the_target_gradient(llama_pair, tmp_path):
+    from mergekit_bico.calibration import data, losses, models
+    from mergekit_bico.io.loader import LazyModel
+
+    root, a, ft, calib = llama_pair
+    prepared = _transfer(tmp_path, a, ft, a, calib, method="gradfix")   # target = A: same shapes
+    model, tok = models.load_model(a, calib)
+    batches = data.make_batches(data.load_samples(calib, need_labels=False), tok, calib, causal_lm=True)
+    loss = losses.resolve_loss(calib, model)
+    for n, batch in enumerate(batches):
+        loss(model, batch, n).backward()
+    grads = {k: p.grad / len(batches) for k, p in model.named_parameters()}
+    la, lf = LazyModel(a), LazyModel(ft)
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        delta = lf.get(name) - la.get(name)
+        expected = delta * ((delta * -grads[name]) > 0)
+        torch.testing.assert_close(prepared.delta(name), expected, rtol=0, atol=1e-7)
+    kept = prepared.report()["gradfix"]["kept_fraction"]
+    assert 0.2 < kept < 0.8
+    assert _transfer(tmp_path, a, ft, a, calib, method="gradfix").report()["cache"]["hit"] is True
+
+
+def test_methods_needing_statistics_refuse_without_calibration(llama_pair):
+    root, a, ft, _ = llama_pair
+    for method in ("bico", "gradfix"):
+        with pytest.raises(TransferError, match="needs calibration"):
+            _transfer(root, a, ft, a, None, method=method)
+    naive = _transfer(root, a, ft, a, None, method="naive")   # naive needs none
+    assert naive.delta("lm_head.weight") is not None
+
+
+def test_different_tokenizers_are_refused(llama_pair, tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    from tests._tiny import tiny_vocab
+
+    root, a, ft, calib = llama_pair
+    b = tmp_path / "B"
+    sd, config = rp.state_dict64(a)
+    rp.save_causal_lm(config, sd, b)
+    vocab = tiny_vocab()
+    words = sorted(vocab, key=vocab.get)
+    shuffled = {w: i for i, w in enumerate(words[:7] + list(reversed(words[7:])))}
+    raw = Tokenizer(WordLevel(vocab=shuffled, unk_token="[UNK]"))
+    raw.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]").save_pretrained(str(b))
+    with pytest.raises(TransferError, match=f"tokenizers of '{a}' and '{b}' give different token ids"):
+        _transfer(tmp_path, a, ft, b, calib)
+
+
+def test_untransferable_tensors_are_reported(llama_pair, tmp_path):
+    """A target with a larger vocabulary: embeddings / lm_head keep the target's value (None),
+    listed with the reason; everything else is transferred. naive refuses the shape change."""
+    root, a, ft, calib = llama_pair
+    sd, config = rp.state_dict64(a)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[name] = torch.cat([sd[name], torch.zeros(4, sd[name].shape[1], dtype=torch.float64)])
+    config = config.__class__(**{**config.to_dict(), "vocab_size": 132})
+    b = rp.save_causal_lm(config, sd, tmp_path / "B")
+    prepared = _transfer(tmp_path, a, ft, b, calib)
+    assert prepared.delta("model.embed_tokens.weight") is None
+    assert prepared.delta("lm_head.weight") is None
+    assert prepared.delta("model.layers.0.self_attn.q_proj.weight") is not None
+    rep = prepared.report()
+    reasons = {u["tensor"]: u["reason"] for u in rep["untransferred"]}
+    assert set(reasons) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert "'vocab' sizes differ" in reasons["model.embed_tokens.weight"]
+    assert "'vocab' sizes differ" in reasons["lm_head.weight"]
+    with pytest.raises(TransferError, match="equal shapes.*embed_tokens"):
+        _transfer(tmp_path, a, ft, b, calib, method="naive")
+
+
+def test_cross_family_transfer_is_refused(llama_pair, tmp_path):
+    root, a, ft, calib = llama_pair
+    g = make_tiny_causal_lm(tmp_path / "gpt2", arch="gpt2")
+    with pytest.raises(TransferError, match="same family"):
+        _transfer(tmp_path, a, ft, g, calib)
+
+
+def test_report_is_json_and_plot_is_optional(llama_pair, llama_rotated, tmp_path):
+    import importlib.util
+    import json
+
+    root, a, ft, calib = llama_pair
+    prepared = _transfer(root, a, ft, llama_rotated, calib)   # cached maps
+    prepared.delta("model.layers.0.mlp.up_proj.weight")
+    paths = prepared.write_report(tmp_path, "transfer_report_0")
+    data = json.loads(paths[0].read_text())
+    assert paths[0].name == "transfer_report_0.json"
+    for key in ("layer_map", "spaces", "untransferred", "timings", "memory", "rules", "summary", "plot"):
+        assert key in data
+    assert data["summary"]["max_residual"] < 1e-4
+    if importlib.util.find_spec("matplotlib") is None:
+        assert len(paths) == 1 and data["plot"].startswith("skipped")
+    else:
+        assert paths[1].suffix == ".png"

@@ -379,3 +379,16 @@ def test_compute_fisher_cache_reuse_and_invalidation(models, tmp_path, caplog):
     assert store.open(changed, model_fingerprint=fp_llama).metadata["model_fingerprint"] == fp_llama
     with pytest.raises(CalibrationError, match="belongs to another model"):
         store.open(changed, model_fingerprint=LazyModel(models["gpt2"]).fingerprint())
+
+
+def test_corrupt_cache_entry_is_recomputed(models, tmp_path, caplog):
+    data = write_txt(tmp_path / "d.txt", ["the cat sat", "a dog"])
+    store = StatsStore(tmp_path / "cache")
+    cfg = cfg_for(data, samples=2)
+    path = compute_fisher(models["llama"], cfg, store=store, progress=False)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])  # e.g. a copy cut short outside our atomic writer
+    with caplog.at_level(logging.INFO, logger="mergekit_bico"):
+        again = compute_fisher(models["llama"], cfg, store=store, progress=False)
+    assert again == path and "reusing" not in caplog.text and "ignoring unusable cached statistics" in caplog.text
+    assert store.open(again, model_fingerprint=None).keys()

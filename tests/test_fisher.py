@@ -397,3 +397,52 @@ def test_fisher_merge_beats_average_on_disjoint_tasks(tmp_path):
     # (2) a clear margin over the plain average, also with the default floor
     assert joint["fisher_floor0"] >= joint["average"] + 0.15, acc
     assert joint["fisher"] >= joint["average"] + 0.1, acc
+
+
+# ------------------------------------------------------------------------- public entry points
+
+
+def lm_user_loss(model, batch):
+    """A user loss: mean next-token NLL (what causal_lm computes), for the user-function path."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+
+
+def test_compute_fisher_user_loss_equals_builtin_empirical(tiny, tmp_path):
+    import sys
+    import types
+
+    module = types.ModuleType("fisher_test_user_loss")
+    module.nll = lm_user_loss
+    sys.modules["fisher_test_user_loss"] = module
+    try:
+        data = tmp_path / "d.txt"
+        data.write_text("the cat sat on the mat\na dog ran to the house\nbig red dog was good yes\none two three four five w1\n")
+        store = StatsStore(tmp_path / "c")
+        builtin = store.open(compute_fisher(tiny["llama"], _cfg(data, samples=4), estimator="empirical",
+                                            store=store, progress=False), model_fingerprint=None)
+        user_cfg = _cfg(data, samples=4, loss="fisher_test_user_loss:nll")
+        user = store.open(compute_fisher(tiny["llama"], user_cfg, estimator="empirical", store=store, progress=False),
+                          model_fingerprint=None)
+        assert user.metadata["loss_kind"] == "custom" and builtin.metadata["loss_kind"] == "causal_lm"
+        assert set(user.keys()) == set(builtin.keys())
+        with pytest.raises(CalibrationError, match="'expected' needs a built-in loss"):
+            compute_fisher(tiny["llama"], user_cfg, estimator="expected", store=store, progress=False)
+    finally:
+        del sys.modules["fisher_test_user_loss"]
+    # the user loss is the per-token MEAN, the built-in example loss the per-sequence SUM: all four
+    # sequences have 6 tokens (5 targets), so the user Fisher is the built-in one / 5^2
+    for name in builtin.keys():
+        torch.testing.assert_close(user.get(name) * 25, builtin.get(name), rtol=1e-4, atol=1e-8, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_argument_matches_cpu(tiny, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("\n".join(TEXTS) + "\n")
+    cpu = StatsStore(tmp_path / "cpu")
+    gpu = StatsStore(tmp_path / "gpu")
+    a = cpu.open(compute_fisher(tiny["llama"], _cfg(data), store=cpu, progress=False), model_fingerprint=None)
+    b = gpu.open(compute_fisher(tiny["llama"], _cfg(data), device="cuda", store=gpu, progress=False), model_fingerprint=None)
+    for name in a.keys():
+        torch.testing.assert_close(b.get(name), a.get(name), rtol=1e-3, atol=1e-7)

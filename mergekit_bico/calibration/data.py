@@ -238,6 +238,8 @@ def make_batches(
     The pad token falls back to eos. Padding positions have ``attention_mask == 0`` and never carry a label.
     """
     ensure_pad_token(tokenizer)
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "right"
     batches: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(samples), cfg.batch_size):
         chunk = samples[start : start + cfg.batch_size]
@@ -248,7 +250,6 @@ def make_batches(
             truncation=True,
             max_length=cfg.max_length,
             return_tensors="pt",
-            padding_side="right",
         )
         input_ids = enc["input_ids"].long()
         attention_mask = enc.get("attention_mask")

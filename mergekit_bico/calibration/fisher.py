@@ -193,7 +193,8 @@ def fisher_diagonal(
                     probs = logp.detach().exp()
                     classes = logp.shape[0]
                     for c in range(classes):
-                        add(logp[c], scale=float(probs[c]), retain=c < classes - 1)
+                        if probs[c] > 0:  # an underflowed class contributes exactly 0
+                            add(logp[c], scale=float(probs[c]), retain=True)
             elif kind == CAUSAL_LM:
                 if logits.shape[1] < 2:
                     continue  # a one-token sequence has no next-token target

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -169,14 +169,3 @@ def checkpoint_names(model: torch.nn.Module, checkpoint_keys: Iterable[str]) -> 
                     mapping[owner].append(cand)
                 break
     return mapping
-
-
-def module_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (cpu when it has none)."""
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
-def describe(model: Optional[torch.nn.Module]) -> str:
-    return type(model).__name__ if model is not None else "None"

@@ -8,7 +8,10 @@ For one output tensor, with inputs ``theta_i``, diagonal Fishers ``F_i`` (same s
     theta = base + sum_i a_i (F_i + floor) (theta_i - base) / sum_i a_i (F_i + floor)  (with base:
                                                         Fisher-weighted task arithmetic on deltas)
 
-All element-wise; shapes ``[*]`` of the tensor. ``n_i`` is the global L2 norm of model i's whole
+All element-wise; shapes ``[*]`` of the tensor. Because the precisions are normalised, the base
+form equals the base-free one in exact arithmetic (``b + sum p_i (theta_i - b) / sum p_i =
+sum p_i theta_i / sum p_i``); it is computed on deltas so that small task vectors in bf16/fp16
+inputs keep their precision. ``n_i`` is the global L2 norm of model i's whole
 Fisher (recorded at calibration time), so models whose losses have different scales count equally.
 
 Fallback rule: at every element where ALL models' Fishers are exactly zero (no model's loss
@@ -101,3 +104,58 @@ def fisher_merge(
     if base_w is not None:
         merged = merged + base_w
     return merged.to(out_dtype)
+
+
+# --------------------------------------------------------------------------- registry glue
+
+
+def _fisher_fn(tensors, base, params, *, stats):
+    """Registry adapter: ``stats[i]`` is ``(fisher tensor or None, fisher norm)`` for input ``i``;
+    a missing Fisher (a tensor no loss touched, e.g. a buffer) counts as all-zero."""
+    from mergekit_bico.errors import ConfigError
+
+    weights = params["weight"]
+    if sum(weights) == 0:
+        raise ConfigError(f"fisher: the weights {list(weights)} sum to 0")
+    fishers = [f if f is not None else torch.zeros_like(t) for (f, _), t in zip(stats, tensors)]
+    norms = [n for _, n in stats] if params["normalize"] else None
+    return fisher_merge(tensors, fishers, weights, base=base, floor=params["fisher_floor"], norms=norms)
+
+
+def _register() -> None:
+    from mergekit_bico.methods.registry import MergeMethod, ParamSpec, check_finite, register
+
+    def non_negative(v: float) -> Optional[str]:
+        return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
+
+    def estimator(v: str) -> Optional[str]:
+        return None if v in ("expected", "empirical") else "must be 'expected' or 'empirical'"
+
+    def positive(v: int) -> Optional[str]:
+        return None if v >= 1 else "must be >= 1"
+
+    register(
+        MergeMethod(
+            name="fisher",
+            summary="Fisher merging: per-parameter average weighted by each model's diagonal Fisher on its calibration data",
+            base="optional",
+            params=(
+                ParamSpec("weight", float, "model", default=1.0, check=check_finite, doc="model weight"),
+                ParamSpec("fisher_floor", float, "global", default=DEFAULT_FISHER_FLOOR, check=non_negative,
+                          doc="added to every Fisher entry"),
+                ParamSpec("normalize", bool, "global", default=False,
+                          doc="divide each model's weight by the global L2 norm of its Fisher"),
+                ParamSpec("fisher_estimator", str, "global", default="expected", check=estimator,
+                          doc="expected (true Fisher, sampled for LMs) or empirical (at the data's labels)"),
+                ParamSpec("lm_samples", int, "global", default=1, check=positive,
+                          doc="sampled sequences per example for the expected Fisher of a causal LM"),
+            ),
+            uses_rng=False,
+            fn=_fisher_fn,
+            needs_stats=True,
+            doc=__doc__ or "",
+        )
+    )
+
+
+_register()

@@ -65,7 +65,7 @@ from mergekit_bico.config import CalibrationConfig
 from mergekit_bico.errors import TransferError
 from mergekit_bico.transfer.api import PreparedTransfer, TransferContext, Untransferable, resolve_layer_map
 from mergekit_bico.transfer.layermap import DEAD_BLOCK_RTOL, centered_gram, cka_matrix, similarity_layer_map
-from mergekit_bico.transfer.procrustes import DEFAULT_RTOL, procrustes_batched, relative_residual
+from mergekit_bico.transfer.procrustes import DEFAULT_RTOL, WELL_DETERMINED_RTOL, procrustes_batched, relative_residual
 from mergekit_bico.transfer.report import TransferReport
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,9 @@ def fit_maps(
         kwargs = {"m_a": e["m_a"]} if d_a > d_b else {"trace_a": e["tr_a"]}
         row: dict[str, Any] = {
             "layer": e["layer"], "source_layer": e["source_layer"], "space": e["space"], "stat": e["stat"],
-            "d_source": d_a, "d_target": d_b, "rank": fit.rank, "tokens": e["rows"],
+            "d_source": d_a, "d_target": d_b, "rank": fit.rank,
+            "well_determined_rank": _count(fit.singular_values, WELL_DETERMINED_RTOL),
+            "min_singular_ratio": _ratio(fit.singular_values), "tokens": e["rows"],
             "residual": relative_residual(fit.r, fit.trace_rc, e["tr_b"], **kwargs) if e["tr_b"] > 0 else None,
         }
         if len(e["parts"]) > 1:
@@ -201,6 +203,14 @@ def fit_maps(
         rows.append(row)
         maps[_map_name(e["layer"], e["space"])] = fit.r.to(torch.float32).cpu()
     return maps, rows
+
+
+def _count(s: torch.Tensor, rtol: float) -> int:
+    return int((s > rtol * s[0]).sum()) if s.numel() and float(s[0]) > 0 else 0
+
+
+def _ratio(s: torch.Tensor) -> Optional[float]:
+    return float(s[-1] / s[0]) if s.numel() and float(s[0]) > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,6 +607,7 @@ class BicoTransfer(PreparedTransfer):
         w_src = self.ctx.source_name(w_spec, i)
         norm_role = self._consumer_fold(spec, i, j)
         delta: Optional[torch.Tensor] = None
+        shifted = False
         if src is not None:
             a, f = self.read_pair(src)
             delta = f - a
@@ -606,12 +617,13 @@ class BicoTransfer(PreparedTransfer):
                 w_ft = self._out_in(self.ctx.source_ft.get(w_src, dtype=torch.float64), rule)
                 term = w_ft @ shift
                 delta = term if delta is None else delta + term
+                shifted = True
         if delta is None:
             if w_src is None:
                 raise Untransferable(f"no '{spec.role}' bias or weight in the source models")
             self._report.rule("zero (source has no bias)", name)
             return torch.zeros(shape, dtype=torch.float64)
-        self._report.rule("bias (norm shift folded in)" if norm_role is not None else "bias", name)
+        self._report.rule("bias (norm shift folded in)" if shifted else "bias", name)
         out = self._map_rows_cols(delta[:, None], rule, j, with_input=False)[:, 0]
         if tuple(out.shape) != shape:
             self._check_identity_sizes(out, shape, rule)

@@ -11,7 +11,10 @@ it recovers ``R`` exactly whenever B keeps a subspace of A uncorrelated with the
 
 Rank-deficient ``C`` (fewer informative tokens than the width, or a direction no token ever uses,
 e.g. the all-ones direction after LayerNorm's centering): singular directions with
-``s <= rtol * s_max`` carry no information and an SVD returns them arbitrarily. We complete them
+``s <= rtol * s_max`` carry no information and an SVD returns them arbitrarily. ``rtol`` defaults to
+1e-10, far below the float32 noise floor of ``C`` (~1e-7 relative): a weak but real direction
+(attention contexts of a tiny model reach 1e-7) is still fitted, while exact zeros (1e-14 and
+below, e.g. LayerNorm's ones direction) are completed. We complete them
 deterministically with the map closest to the identity (``I_{d_A x d_B}``): the null parts are
 mapped by the Procrustes solution of the identity restricted to the two complements. ``R`` stays
 exactly (semi-)orthogonal, the fitted part is unchanged, and where the statistics say nothing the
@@ -32,7 +35,8 @@ import torch
 
 __all__ = ["ProcrustesFit", "procrustes", "procrustes_batched", "relative_residual", "polar"]
 
-DEFAULT_RTOL = 1e-6
+DEFAULT_RTOL = 1e-10
+WELL_DETERMINED_RTOL = 1e-6
 
 
 @dataclass

@@ -1,0 +1,105 @@
+"""Fisher merging end to end through the CLI: output vs the formula on the cached Fisher files,
+cache reuse on a rerun, invalidation when the data file changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mergekit_bico.cli import main, yaml_main
+from tests._tiny import write_jsonl
+from tests.test_cli_merge import weights
+
+TEXTS_A = ["the cat sat on the mat", "a big red dog ran to the house", "one two three four five"]
+TEXTS_B = ["hello world model", "yes no good bad", "blue green small big cat dog"]
+
+
+def setup(tmp_path: Path, f) -> Path:
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS_A * 3])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in TEXTS_B * 3])
+    cfg = {
+        "merge_method": "fisher",
+        "models": [
+            {"model": str(f["ft1"]), "parameters": {"weight": 1.0},
+             "calibration": {"data": str(tmp_path / "a.jsonl"), "samples": 6, "max_length": 16, "batch_size": 4}},
+            {"model": str(f["ft2"]), "parameters": {"weight": 2.0},
+             "calibration": {"data": str(tmp_path / "b.jsonl"), "samples": 6, "max_length": 16, "batch_size": 4}},
+        ],
+        "parameters": {"fisher_floor": 1e-3, "fisher_estimator": "empirical"},
+        "dtype": "float32",
+    }
+    path = tmp_path / "fisher.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def stats_files(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("*.safetensors"))
+
+
+def test_fisher_merge_cli_cache_and_invalidation(llama_family, tmp_path, caplog):
+    f = llama_family
+    cfg = setup(tmp_path, f)
+    cache = tmp_path / "cache"
+    r = CliRunner().invoke(yaml_main, [str(cfg), str(tmp_path / "out1"), "--cache-dir", str(cache), "--quiet"])
+    assert r.exit_code == 0, r.output
+    files = stats_files(cache)
+    assert len(files) == 2
+    # expected output from the formula, with the Fisher read from the stats files
+    by_model = {}
+    for p in files:
+        with safe_open(str(p), "pt") as fh:
+            meta = fh.metadata()
+        key = next(k for k in ("ft1", "ft2") if k in " ".join(meta.values()))
+        by_model[key] = load_file(str(p))
+    assert set(by_model) == {"ft1", "ft2"}
+    a, b = weights(f["ft1"]), weights(f["ft2"])
+    got = weights(tmp_path / "out1")
+    touched = 0
+    for k in a:
+        fa = by_model["ft1"].get(k, torch.zeros_like(a[k]))
+        fb = by_model["ft2"].get(k, torch.zeros_like(b[k]))
+        pa, pb = 1.0 * (fa + 1e-3), 2.0 * (fb + 1e-3)
+        exp = (pa * a[k] + pb * b[k]) / (pa + pb)
+        fallback = (fa == 0) & (fb == 0)
+        exp = torch.where(fallback, (a[k] + 2.0 * b[k]) / 3.0, exp)
+        touched += int((~fallback).sum())
+        assert torch.allclose(got[k], exp, atol=1e-6), k
+    assert touched > 0
+    mtimes = [p.stat().st_mtime_ns for p in files]
+
+    # second run: statistics reused, not recomputed
+    r = CliRunner().invoke(yaml_main, [str(cfg), str(tmp_path / "out2"), "--cache-dir", str(cache)])
+    assert r.exit_code == 0, r.output
+    assert "reusing" in (r.output + caplog.text).lower()
+    assert [p.stat().st_mtime_ns for p in stats_files(cache)] == mtimes
+    assert all(torch.equal(got[k], v) for k, v in weights(tmp_path / "out2").items())
+
+    # changed data file: that model's statistics are recomputed
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in reversed(TEXTS_A * 3)] + [{"text": "red red red"}])
+    r = CliRunner().invoke(yaml_main, [str(cfg), str(tmp_path / "out3"), "--cache-dir", str(cache), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert len(stats_files(cache)) == 3
+
+
+def test_calibrate_command_precomputes(llama_family, tmp_path):
+    cfg = setup(tmp_path, llama_family)
+    cache = tmp_path / "cache"
+    r = CliRunner().invoke(main, ["calibrate", str(cfg), "--cache-dir", str(cache), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert len(stats_files(cache)) == 2
+    assert r.output.count("Fisher statistics") == 2
+
+
+def test_fisher_needs_calibration(llama_family, tmp_path):
+    cfg = {"merge_method": "fisher", "models": [{"model": str(llama_family["ft1"])}, {"model": str(llama_family["ft2"])}]}
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = CliRunner().invoke(yaml_main, [str(path), str(tmp_path / "out"), "--quiet"])
+    assert r.exit_code == 2 and "needs calibration data" in r.output
+    assert not (tmp_path / "out").exists()
