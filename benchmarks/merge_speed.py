@@ -29,11 +29,18 @@ What it does
      shard too; mergekit does not fsync.
    * ``cp``: ``cp -r`` of one input model (reads 1, writes 1, no fsync) -- informational.
 5. Checks numerical equality of our outputs with mergekit's (same tensor names, shapes and dtypes;
-   max |ours - mergekit| per tensor over all tensors, must be <= 1e-6).
+   max |ours - mergekit| per tensor over all tensors, must be <= 1e-6). TIES keeps the top-k
+   magnitudes of each delta; where several elements tie at the k-th magnitude, which of them are
+   kept is decided by the sort (mergekit: ``torch.argsort``, whose order among equal values is
+   unspecified; mergekit-bico: lowest flat index). Elements that differ only for that reason are
+   counted and reported apart, with the max diff over all other elements.
 
 Before every timed run the input files are read once (so every tool starts with the inputs in the
-page cache) and ``sync`` is called (so no tool pays for another's dirty pages). Wall-time ratios come
-from one run of each (``--repeat N`` keeps the fastest of N).
+page cache) and ``sync`` is called (so no tool pays for another's dirty pages). The machine may be
+shared: our CLI and the I/O references run ``--repeat`` times (default 3) and the fastest run is
+reported; mergekit, several times slower, runs ``--mergekit-repeat`` times (default 1). The 1-minute
+load average before each run is kept in the JSON. ``python -c 'import torch'`` is timed too: every
+merge pays that start-up, the floor does not.
 
 Output: a markdown table printed and written to ``benchmarks/results/merge_speed.md``, and
 ``benchmarks/results/merge_speed.json`` with every measurement, machine info, the command and
@@ -258,6 +265,7 @@ _LAUNCHER = r"""
 import json, os, sys, threading, time
 result, cmd = sys.argv[1], sys.argv[2:]
 peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+io = {}
 t0 = time.perf_counter()
 pid = os.posix_spawnp(cmd[0], cmd, os.environ)
 stop = threading.Event()
@@ -270,6 +278,10 @@ def sample():
                     key, _, rest = line.partition(":")
                     if key in peak:
                         peak[key] = max(peak[key], int(rest.split()[0]))
+            with open("/proc/%d/io" % pid) as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    io[key] = int(rest)
         except (OSError, ValueError, IndexError):
             pass
         stop.wait(0.02)
@@ -282,7 +294,7 @@ th.join()
 with open(result, "w") as f:
     json.dump({"rc": os.waitstatus_to_exitcode(status), "wall_s": wall, "user_s": ru.ru_utime,
                "sys_s": ru.ru_stime, "maxrss_kb": ru.ru_maxrss, "peak_kb": peak,
-               "majflt": ru.ru_majflt, "minflt": ru.ru_minflt}, f)
+               "majflt": ru.ru_majflt, "minflt": ru.ru_minflt, "io": io}, f)
 """
 
 
@@ -308,6 +320,9 @@ def run_measured(cmd: list[str], log_path: Path, env: Optional[dict[str, str]] =
         "rss_file_peak_mib": round(ru["peak_kb"]["RssFile"] / 1024, 1),
         "minflt": ru["minflt"],
         "majflt": ru["majflt"],
+        # last sample of /proc/PID/io: bytes that really came from / went to the disk
+        "disk_read_mib": round(ru["io"].get("read_bytes", 0) / 2**20, 1),
+        "disk_write_mib": round(ru["io"].get("write_bytes", 0) / 2**20, 1),
         "loadavg_before": round(load_before, 2),
         "log": str(log_path),
     }
@@ -536,14 +551,15 @@ def run_size(args: argparse.Namespace, size: int, workdir: Path, mk_bin: Optiona
     common = {"size": f"{size}x", "params_m": round(params / 1e6, 1), "model_mib": round(model_bytes / 2**20, 1)}
     with_mk = mk_bin is not None and (args.mergekit_sizes is None or size in args.mergekit_sizes)
 
-    def measure(label: str, cmd_for: Any, out: Path) -> dict[str, Any]:
+    def measure(label: str, cmd_for: Any, out: Path, repeat: Optional[int] = None) -> dict[str, Any]:
         recs = []
-        for k in range(args.repeat):
+        repeat = args.repeat if repeat is None else repeat
+        for k in range(repeat):
             _rmtree(out)
             warm_and_sync(models)
             rec = run_measured(cmd_for(out), logs / f"x{size}-{label}-{k}.log")
             recs.append(rec)
-            if k + 1 < args.repeat:
+            if k + 1 < repeat:
                 _rmtree(out)
         return _best(recs)
 
@@ -551,6 +567,9 @@ def run_size(args: argparse.Namespace, size: int, workdir: Path, mk_bin: Optiona
     me = str(Path(__file__).resolve())
     base_rec = run_measured(["true"], logs / f"x{size}-true.log")
     rows.append({**common, "method": "-", "tool": "launcher baseline (`true`)", **base_rec})
+    startup = measure("startup", lambda out: [sys.executable, "-c", "import torch"], outdir / "none")
+    rows.append({**common, "method": "-", "tool": "python -c 'import torch' (startup)", **startup})
+    print(f"[x{size}] startup (python + import torch): {startup['wall_s']:.2f} s", flush=True)
     print(f"[x{size}] floor (read 3 inputs, write 1 output, fsync)", flush=True)
     floor = measure("floor", lambda out: [sys.executable, me, "--_floor", "fsync", *map(str, inputs), str(out)],
                     outdir / "floor")
@@ -580,7 +599,8 @@ def run_size(args: argparse.Namespace, size: int, workdir: Path, mk_bin: Optiona
         mk_row = None
         if with_mk:
             print(f"[x{size}] {method}: mergekit-yaml 0.1.5", flush=True)
-            mk = measure(f"mk-{method}", lambda out: [mk_bin, str(cfg), str(out), *args.mergekit_args], mk_out)
+            mk = measure(f"mk-{method}", lambda out: [mk_bin, str(cfg), str(out), *args.mergekit_args], mk_out,
+                         repeat=args.mergekit_repeat)
             mk_row = {**common, "method": method, "tool": "mergekit 0.1.5", **mk}
             print(f"  {mk['wall_s']:.1f} s, peak RSS {mk['maxrss_mib']:.0f} MiB", flush=True)
             if ours["rc"] == 0 and mk["rc"] == 0:
@@ -675,13 +695,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "Inputs: three Llama-shaped float32 models per size (base; two fine-tunes = base + N(0, 0.002)), "
         f"{IN_SHARD_BYTES >> 20} MiB safetensors shards, in the page cache before every run. "
-        "Wall time: one run per tool (child process). Peak RSS: `ru_maxrss` of that child (`os.wait4`); "
-        "anon/file: sampled peaks of RssAnon/RssFile (file = mapped input/output files). "
+        f"Wall time: each tool in its own child process, fastest of {report['repeat']} run(s) "
+        f"(mergekit: {report['mergekit_repeat']}); cpu = user + sys of that run. "
+        "Peak RSS: `ru_maxrss` of that child alone (`os.wait4`, started from a ~10 MB launcher); "
+        "anon/file: sampled peaks of RssAnon/RssFile (file = mapped files, e.g. mmapped inputs). "
         "floor = one process reading the three inputs once and writing one output of one model's size, "
-        "fsync per shard (our writer fsyncs; mergekit does not).",
+        "fsync per shard (our writer fsyncs; mergekit does not); startup = `python -c 'import torch'`, "
+        "part of every merge. max abs diff: over all elements of all tensors; for TIES, elements on a tied "
+        "top-k threshold (equal |delta| at the k-th place: which of them are kept is up to the sort, "
+        "torch.argsort's unstable order in mergekit, lowest index in mergekit-bico) are counted apart.",
         "",
-        "| size | params | method | tool | wall s | vs mergekit | vs floor | peak RSS MiB | anon MiB | file MiB | max abs diff vs mergekit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| size | params | method | tool | wall s | cpu s | vs mergekit | vs floor | peak RSS MiB | anon MiB | file MiB | max abs diff vs mergekit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         eq = r.get("equality")
@@ -692,6 +717,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             diff = f"exit {r['rc']}"
         lines.append(
             f"| {r['size']} | {r['params_m']:.0f}M | {r['method']} | {r['tool']} | {_fmt(r['wall_s'])} | "
+            f"{_fmt(r['user_s'] + r['sys_s'], '.1f')} | "
             f"{_fmt(r.get('vs_mergekit'))} | {_fmt(r.get('vs_floor'))} | {_fmt(r['maxrss_mib'], '.0f')} | "
             f"{_fmt(r['rss_anon_peak_mib'], '.0f')} | {_fmt(r['rss_file_peak_mib'], '.0f')} | {diff} |"
         )
@@ -724,7 +750,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml")
     p.add_argument("--shard-variants", default="1G",
                    help="extra task_arithmetic runs of ours with these --out-shard-size values ('' for none)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is reported")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of our CLI and of the I/O references per measurement; the fastest is reported (default 3)")
+    p.add_argument("--mergekit-repeat", type=int, default=1, help="runs of mergekit per measurement (default 1)")
     p.add_argument("--clean", action="store_true", help="delete the generated models when done (default: kept for reruns)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed (default: report only)")
     p.add_argument("--results", default=str(RESULTS_DIR), help="where merge_speed.md/json go")
@@ -743,6 +771,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.mergekit_args = shlex.split(args.mergekit_args)
     args.shard_variants = [s for s in args.shard_variants.split(",") if s.strip()]
     args.repeat = max(1, args.repeat)
+    args.mergekit_repeat = max(1, args.mergekit_repeat)
     return args
 
 
@@ -771,6 +800,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         skipped = [s for s in args.size_list if s not in args.mergekit_sizes]
         if skipped:
             notes.append(f"mergekit was not run at {', '.join(f'{s}x' for s in skipped)} (--mergekit-sizes).")
+    for r in rows:
+        if r["method"] == "task_arithmetic" and r["tool"] == "mergekit-bico":
+            su = next((x for x in rows if x["size"] == r["size"] and "startup" in x["tool"]), None)
+            fl = next((x for x in rows if x["size"] == r["size"] and x["tool"].startswith("floor (")), None)
+            if su and fl:
+                notes.append(f"{r['size']} task_arithmetic: without the interpreter + torch start-up "
+                             f"({su['wall_s']:.2f} s) ours takes {r['wall_s'] - su['wall_s']:.2f} s = "
+                             f"{(r['wall_s'] - su['wall_s']) / fl['wall_s']:.2f}x the floor.")
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "benchmarks.merge_speed", *(sys.argv[1:] if argv is None else argv)]),
         "started": started,
@@ -783,6 +820,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "configs": {m: METHODS[m] for m in METHODS},
         "targets": TARGETS,
         "tolerance": TOLERANCE,
+        "repeat": args.repeat,
+        "mergekit_repeat": args.mergekit_repeat,
         "rows": rows,
         "checks": checks,
         "notes": notes,

@@ -348,24 +348,32 @@ def test_bert_permutations_with_diagonal_norm_rule(tmp_path):
 # statistics variants, baselines, refusals and the report
 
 
-@pytest.mark.parametrize("output_space", ["activations", "combined"])
-def test_output_space_variants_are_exact_too(llama_pair, llama_rotated, output_space):
-    """Output activations relate by the same maps as output gradients on a reparametrisation."""
+def test_output_space_variants(llama_pair, llama_rotated):
+    """`combined` (gradients + activations) is exact as well. `activations` (Theseus) cannot be:
+    the outputs of an expanding linear (gate/up: 32 -> 64) span at most d_in = 32 directions, so
+    half of the MLP output space is unseen -- the gap output gradients close."""
     root, a, ft, calib = llama_pair
-    prepared = _transfer(root, a, ft, llama_rotated, calib, output_space=output_space)
-    stats = {r["stat"] for r in prepared.report()["spaces"]}
-    assert stats == ({"X", "Y"} if output_space == "activations" else {"X", "G+Y"})
-    assert _error(prepared, llama_rotated, ft) <= TOL
+    combined = _transfer(root, a, ft, llama_rotated, calib, output_space="combined")
+    assert {r["stat"] for r in combined.report()["spaces"]} == {"X", "G+Y"}
+    assert _error(combined, llama_rotated, ft) <= TOL
+    acts = _transfer(root, a, ft, llama_rotated, calib, output_space="activations")
+    rows = {(r["layer"], r["space"]): r for r in acts.report()["spaces"]}
+    assert {r["stat"] for r in rows.values()} == {"X", "Y"}
+    assert rows[(0, "gate_out")]["rank"] <= 32 < rows[(0, "gate_out")]["d_source"]
+    assert _error(acts, llama_rotated, ft) > 10 * TOL
 
 
 def test_finetuned_statistics_use_the_finetune(llama_pair, llama_rotated):
-    """statistics: finetuned pairs A' (not A) with B: a different cache entry, still a good map."""
+    """statistics: finetuned pairs A' (not A) with B: a different cache entry and statistics (here A'
+    is far from A -- 6 large Adam steps -- so the maps are only approximate)."""
     root, a, ft, calib = llama_pair
     prepared = _transfer(root, a, ft, llama_rotated, calib, statistics="finetuned")
     rep = prepared.report()
     assert rep["settings"]["statistics"] == "finetuned" and rep["cache"]["hit"] is False
     assert max(r["residual"] for r in rep["spaces"]) > 1e-4   # A' is not a reparametrisation of B
-    assert _error(prepared, llama_rotated, ft) < 0.5
+    err = _error(prepared, llama_rotated, ft)
+    naive = _error(_transfer(root, a, ft, llama_rotated, calib, method="naive"), llama_rotated, ft)
+    assert TOL < err < naive / 2, (err, naive)   # approximate, but far better than ignoring the rotation
 
 
 def test_gradfix_keeps_entries_agreeing_with_the_target_gradient(llama_pair, tmp_path):
@@ -439,7 +447,7 @@ def test_untransferable_tensors_are_reported(llama_pair, tmp_path):
     assert set(reasons) == {"model.embed_tokens.weight", "lm_head.weight"}
     assert "'vocab' sizes differ" in reasons["model.embed_tokens.weight"]
     assert "'vocab' sizes differ" in reasons["lm_head.weight"]
-    with pytest.raises(TransferError, match="equal shapes.*embed_tokens"):
+    with pytest.raises(TransferError, match="equal shapes: .(lm_head|model.embed_tokens).weight"):
         _transfer(tmp_path, a, ft, b, calib, method="naive")
 
 
@@ -467,3 +475,13 @@ def test_report_is_json_and_plot_is_optional(llama_pair, llama_rotated, tmp_path
         assert len(paths) == 1 and data["plot"].startswith("skipped")
     else:
         assert paths[1].suffix == ".png"
+
+
+def test_large_tensor_float32_path_is_exact_too(llama_pair, llama_rotated, monkeypatch):
+    """Tensors above FLOAT64_MAX_NUMEL are mapped in float32 (memory); still exact."""
+    from mergekit_bico.transfer import api
+
+    root, a, ft, calib = llama_pair
+    monkeypatch.setattr(api, "FLOAT64_MAX_NUMEL", 0)
+    prepared = _transfer(root, a, ft, llama_rotated, calib)   # cached maps
+    assert _error(prepared, llama_rotated, ft) <= TOL

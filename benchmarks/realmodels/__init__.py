@@ -50,6 +50,7 @@ def model_b_dir(convert_if_missing: bool = True) -> Path:
         try:
             convert(tmp, force=True)
             if not (out / "model.safetensors").is_file():
+                tmp.chmod(0o755)  # mkdtemp makes it 0700
                 shutil.rmtree(out, ignore_errors=True)
                 os.replace(tmp, out)
         finally:

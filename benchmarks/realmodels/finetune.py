@@ -162,6 +162,9 @@ def _save_folder(model: torch.nn.Module, base_dir: Path, tokenizer: Any, out: Pa
         if not copied:
             tokenizer.save_pretrained(str(tmp))
         (tmp / "finetune.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

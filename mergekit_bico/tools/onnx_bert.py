@@ -284,6 +284,9 @@ def convert(
             )
             + "\n"
         )
+        for f in out.iterdir():
+            if f.is_file():
+                f.chmod(0o644)
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {exc}") from None
     return out

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["prepare_transfer", "PreparedTransfer", "TransferContext", "Untransferable", "NORM_RULES"]
 
 NORM_RULES = ("fold", "diagonal")
+FLOAT64_MAX_NUMEL = 1 << 24  # deltas of larger tensors (embeddings, big MLPs) are mapped in float32
 
 
 class Untransferable(Exception):
@@ -119,6 +120,7 @@ class PreparedTransfer:
         self.ctx = ctx
         self._report = report
         self.layer_map = layer_map
+        self.compute_dtype = torch.float64
 
     # -- subclass hook ------------------------------------------------------------------------
     def _delta(self, name: str, spec: TensorSpec) -> Optional[torch.Tensor]:  # pragma: no cover - abstract
@@ -133,6 +135,11 @@ class PreparedTransfer:
             if spec is None:
                 raise TransferError(f"tensor '{target_name}' is not in target model '{self.ctx.target_path}'")
             shape = tuple(self.ctx.target.shape(target_name))
+            numel = 1
+            for n in shape:
+                numel *= n
+            # float64 maths where it is cheap; float32 for the largest tensors (memory stays ~4 copies of one tensor)
+            self.compute_dtype = torch.float64 if numel <= FLOAT64_MAX_NUMEL else torch.float32
             if spec.kind == "buffer":
                 raise Untransferable("non-parameter buffer")
             if spec.layer is not None:
@@ -169,9 +176,9 @@ class PreparedTransfer:
         return None if spec.layer is None else self.layer_map[spec.layer]
 
     def read_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, A') float64 for one source tensor."""
-        a = self.ctx.source_base.get(name, dtype=torch.float64)
-        f = self.ctx.source_ft.get(name, dtype=torch.float64)
+        """(A, A') in the compute dtype for one source tensor."""
+        a = self.ctx.source_base.get(name, dtype=self.compute_dtype)
+        f = self.ctx.source_ft.get(name, dtype=self.compute_dtype)
         return a, f
 
 

@@ -18,9 +18,10 @@ is a function-preserving reparametrisation ``x_B = R^T x_A`` of the source):
   embedding rule.
 * **Norm gains and biases** -- rule ``fold`` (default, *gain folding*): a norm that only feeds
   linears (pre-LN: Llama/Mistral/Qwen2 input/post-attention/final norms, GPT-2 ln_1/ln_2) is
-  folded into its consumers. With the source base's gain ``g`` (bias ``b``) and the fine-tune's
-  ``g'`` (``b'``), the fine-tune equals the base norm followed by the effective linear
-  ``W'_eff = W' diag(g'/g)``, ``b'_eff = b'_lin + W' (b' - (g'/g) * b)``; we transfer
+  folded into its consumers. With the source base's norm gain ``g`` (norm bias ``beta``) and the
+  fine-tune's ``g'`` (``beta'``), the fine-tune equals the *base* norm followed by the effective
+  linear ``W'_eff = W' diag(g'/g)``, ``c'_eff = c' + W' (beta' - (g'/g) * beta)`` (``c'``: the
+  linear's own bias); we transfer
   ``W'_eff - W`` (which lives in exactly the coordinates the statistics ``X`` were taken in) and the
   norm's own delta is zero. This is exact under rotations, where no diagonal gain could carry the
   change. Fallback *diagonal conjugation* (rule ``diagonal``, post-LN norms such as BERT's whose
@@ -33,7 +34,8 @@ is a function-preserving reparametrisation ``x_B = R^T x_A`` of the source):
   contain the source's (permuted, or extra zero-initialised heads), and otherwise may mix heads
   (with RoPE, mixing inside a head is only approximately meaningful); the report notes the mismatch.
 * ``output_space``: ``gradients`` (default) uses ``G`` for output spaces; ``activations`` uses
-  the outputs ``Y`` (Theseus); ``combined`` runs Procrustes on the row-concatenation of the two
+  the outputs ``Y`` (Theseus) -- these cannot determine the output map of an expanding linear
+  (``rank(Y) <= d_in < d_out``, e.g. gate/up projections), which gradients do; ``combined`` runs Procrustes on the row-concatenation of the two
   statistics, each normalised to unit Frobenius norm per model:
   ``C = G_A^T G_B / (|G_A| |G_B|) + Y_A^T Y_B / (|Y_A| |Y_B|)``. Both agree on a true
   reparametrisation; when one is rank-deficient (few tokens, dead gradients, low-rank ``W``) the
@@ -200,6 +202,10 @@ def fit_maps(
                 row[f"residual_{stat}"] = relative_residual(fit.r, float((fit.r * s.c).sum()), s.tr_b, **kw) if s.tr_b > 0 else None
         if fit.rank < min(d_a, d_b):
             row["note"] = "rank-deficient statistics: unseen directions completed closest to identity"
+        if fit.rank == 0:
+            row["note"] = "no signal (all-zero statistics): not mapped; tensors using this space are not transferred"
+            rows.append(row)
+            continue
         rows.append(row)
         maps[_map_name(e["layer"], e["space"])] = fit.r.to(torch.float32).cpu()
     return maps, rows
@@ -218,9 +224,13 @@ def _ratio(s: torch.Tensor) -> Optional[float]:
 
 
 class MapSet:
-    """Fitted maps, read lazily from the pass files of the statistics cache (small LRU)."""
+    """Fitted maps, read lazily from the pass files of the statistics cache.
 
-    def __init__(self, store: Any, parts: list[dict[str, Any]], fingerprint: str, capacity: int = 24):
+    A small LRU cache keeps recently used maps (float32) up to ``cache_bytes``: the executor asks
+    for deltas block by block, so one block's maps are read once.
+    """
+
+    def __init__(self, store: Any, parts: list[dict[str, Any]], fingerprint: str, cache_bytes: int = 2 << 30):
         self.files = []
         self.where: dict[str, int] = {}
         for k, part in enumerate(parts):
@@ -231,12 +241,14 @@ class MapSet:
             for name in part["maps"]:
                 self.where[name] = k
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.capacity = capacity
+        self.cache_bytes = cache_bytes
+        self._held = 0
 
     def paths(self) -> list[str]:
         return [str(f.path) for f in self.files]
 
     def get(self, layer: Optional[int], space: str) -> Optional[torch.Tensor]:
+        """The map (d_A, d_B), float32, or None when no statistics were fitted for it."""
         name = _map_name(layer, space)
         if name in self.cache:
             self.cache.move_to_end(name)
@@ -244,10 +256,14 @@ class MapSet:
         k = self.where.get(name)
         if k is None:
             return None
-        r = self.files[k].get(name).to(torch.float64)
-        self.cache[name] = r
-        if len(self.cache) > self.capacity:
-            self.cache.popitem(last=False)
+        r = self.files[k].get(name)
+        size = r.numel() * r.element_size()
+        while self.cache and self._held + size > self.cache_bytes:
+            _, old = self.cache.popitem(last=False)
+            self._held -= old.numel() * old.element_size()
+        if size <= self.cache_bytes:
+            self.cache[name] = r
+            self._held += size
         return r
 
 
@@ -269,6 +285,23 @@ def _head_notes(ctx: TransferContext, report: TransferReport) -> None:
                 f"{key} differs (source {ca[key]}, target {cb[key]}): q/k/v/o spaces are mapped by flat semi-orthogonal maps "
                 "over the concatenated heads (exact when the target's heads contain the source's, may mix heads otherwise)"
             )
+
+
+def _dropped_notes(ctx: TransferContext, report: TransferReport) -> None:
+    """Source roles without any target tensor (e.g. an untied lm_head onto a tied target): their
+    delta has nowhere to go; say so instead of dropping it silently."""
+    target_roles = {(s.layer is None, s.role, s.kind) for s in ctx.target_specs.values()}
+    seen: set[tuple[bool, str, str]] = set()
+    for name, spec in ctx.source_specs.items():
+        key = (spec.layer is None, spec.role, spec.kind)
+        if spec.kind in ("buffer", "unknown") or key in target_roles or key in seen:
+            continue
+        seen.add(key)
+        where = "" if spec.layer is None else " (per block)"
+        report.note(f"source tensor '{name}'{where} has no counterpart in the target: its delta is not transferred")
+    for name, spec in ctx.source_specs.items():
+        if spec.kind == "unknown":
+            report.note(f"source tensor '{name}' has no known role: not transferred")
 
 
 def prepare_bico(
@@ -303,6 +336,7 @@ def prepare_bico(
         blocks={"source": ctx.layers_source, "target": ctx.layers_target},
     )
     _head_notes(ctx, report)
+    _dropped_notes(ctx, report)
     static_map = resolve_layer_map(ctx)
     store = StatsStore(cache_dir)
     fp_target = ctx.target.fingerprint()
@@ -394,6 +428,16 @@ def _compute(ctx, calibration, store, key, fp_target, static_map, budget, device
             pairs.append(PairSpec(layer_b, layer_a, space, stat, d_a, d_b))
     probes_a = ctx.arch_source.probes([n for n, _ in model_a.named_modules()], ctx.layers_source, out_stats)
     probes_b = ctx.arch_target.probes([n for n, _ in model_b.named_modules()], ctx.layers_target, out_stats)
+    have_a = {(p.layer, p.space, p.stat) for p in probes_a}
+    have_b = {(p.layer, p.space, p.stat) for p in probes_b}
+    kept = []
+    for p in pairs:
+        if (p.source_layer, p.space, p.stat) in have_a and (p.target_layer, p.space, p.stat) in have_b:
+            kept.append(p)
+        else:
+            notes.append(f"space '{p.space}' (target block {p.target_layer}) is not computed by the calibration models "
+                         f"({type(model_b).__name__}); tensors using it are not transferred")
+    pairs = kept
     tokens_per_batch = max(int(b["attention_mask"].sum()) for b in batches) if batches else 0
     passes = plan_passes(pairs, budget, tokens_per_batch, model=str(ctx.target_path))
     use_grad = cfg.output_space != "activations"
@@ -459,7 +503,7 @@ class BicoTransfer(PreparedTransfer):
         if r is None:
             where = "global" if layer is None else f"block {layer}"
             raise Untransferable(f"no statistics for space '{space}' ({where})")
-        return r
+        return r.to(self.compute_dtype)
 
     # -- norm folding -------------------------------------------------------------------------
     def _folded(self, i: Optional[int], j: Optional[int], norm_role: str) -> bool:
@@ -614,7 +658,7 @@ class BicoTransfer(PreparedTransfer):
         if norm_role is not None and w_src is not None:
             _, shift = self._fold_terms(i, norm_role)
             if shift is not None:
-                w_ft = self._out_in(self.ctx.source_ft.get(w_src, dtype=torch.float64), rule)
+                w_ft = self._out_in(self.ctx.source_ft.get(w_src, dtype=self.compute_dtype), rule)
                 term = w_ft @ shift
                 delta = term if delta is None else delta + term
                 shifted = True
@@ -622,7 +666,7 @@ class BicoTransfer(PreparedTransfer):
             if w_src is None:
                 raise Untransferable(f"no '{spec.role}' bias or weight in the source models")
             self._report.rule("zero (source has no bias)", name)
-            return torch.zeros(shape, dtype=torch.float64)
+            return torch.zeros(shape, dtype=torch.float32)
         self._report.rule("bias (norm shift folded in)" if shifted else "bias", name)
         out = self._map_rows_cols(delta[:, None], rule, j, with_input=False)[:, 0]
         if tuple(out.shape) != shape:
@@ -633,7 +677,7 @@ class BicoTransfer(PreparedTransfer):
         rule: NormRule = spec.rule
         if self._folded(i, j, rule.role):
             self._report.rule("norm (folded into consumers: zero delta)", name)
-            return torch.zeros(shape, dtype=torch.float64)
+            return torch.zeros(shape, dtype=torch.float32)
         src = self._source(spec, i)
         a, f = self.read_pair(src)
         r = self._map(j, rule.space)
