@@ -19,7 +19,37 @@ import click
 from mergekit_bico import __version__
 from mergekit_bico.errors import ConfigError, MergeKitBicoError, OutputError
 
+# torch's CPU allocator backs allocations >= 2 MiB with transparent huge pages when this is set
+# (read once, at torch's first allocation, hence here, before anything imports torch). Every
+# merge step allocates tensors of tens to hundreds of MB; with 4 KiB pages the page faults of
+# these fresh allocations cost more than the arithmetic (e.g. `a - b` on 24.6M floats: 86 ms
+# with 4 KiB pages, 23 ms with THP, 16 ms into an existing buffer). Only affects processes whose
+# entry point is this module (the CLIs), not library users who imported torch already.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 log = logging.getLogger("mergekit_bico")
+
+
+def _tune_malloc() -> None:
+    """Keep freed tensor memory for reuse instead of returning it to the kernel (glibc only).
+
+    glibc serves allocations above a dynamic threshold with mmap and gives the heap's free top
+    back (trim) as soon as it exceeds twice that threshold: every merge step's fresh 16 MiB
+    buffers were then page-faulted and zeroed by the kernel again (a third of the CPU time in
+    ``perf``: clear_page_erms). Serving up to 32 MiB (glibc's maximum) from the heap and
+    trimming only above 1 GiB free makes the next slice reuse the previous slice's pages; the
+    retained memory is bounded by the (size-independent) working set.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _fail(message: str, code: int) -> None:
@@ -102,6 +132,7 @@ def _do_merge(config_file: str, out_path: str, *, out_shard_size: str, device: s
     from mergekit_bico.plan import build_plan, plan_summary
 
     _setup_logging(verbose, quiet)
+    _tune_malloc()
     if cuda:
         device = "cuda"
     _check_device(device)

@@ -1,18 +1,24 @@
 """Runs a :class:`~mergekit_bico.plan.Plan`: calibration/transfer preparation, then one job per
 output tensor in the base model's storage order, streaming results into shards.
 
-Memory: at any time the executor holds the inputs of the current job, its result, and the shard
-being filled (``--out-shard-size``); peak memory does not grow with the model size.
+Memory: the output layout (names, dtypes, shapes) is known from the input headers, so every result
+goes straight to its place in its shard file (:class:`StreamingShardedWriter`); nothing is buffered.
+Tensors above ``CHUNK_ELEMENTS`` (``ELEMENTWISE_SLICE`` for elementwise methods) are read, merged
+and written in flat slices when the method allows it (task_arithmetic, linear; ties in three
+passes), so the working set -- and the peak RSS -- does not grow with the model or tensor size.
+Other methods hold one tensor's inputs and result at a time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import yaml
@@ -20,7 +26,7 @@ from tqdm.auto import tqdm
 
 from mergekit_bico.config import MergeConfig
 from mergekit_bico.errors import ConfigError, TensorMismatchError
-from mergekit_bico.io.writer import ShardedWriter, atomic_output_dir, copy_support_files
+from mergekit_bico.io.writer import ShardedWriter, StreamingShardedWriter, atomic_output_dir, copy_support_files
 from mergekit_bico.methods.registry import make_generator
 from mergekit_bico.plan import Job, Plan, layer_of
 
@@ -67,12 +73,27 @@ class Inputs:
 
     def _read(self, model: str, tensor: str) -> torch.Tensor:
         t = self.plan.models[model].get(tensor, dtype=self.compute_dtype)
-        if self.options.nan_policy != "ignore" and t.is_floating_point() and not torch.isfinite(t).all():
+        self._check_finite(t, model, tensor)
+        return t.to(self.options.device)
+
+    def _check_finite(self, t: torch.Tensor, model: str, tensor: str) -> None:
+        """Apply ``--nan-policy`` to an input tensor (or a slice of one)."""
+        if self.options.nan_policy != "ignore" and _has_nonfinite(t):
             msg = f"tensor '{tensor}' of model '{model}' contains NaN or Inf"
             if self.options.nan_policy == "error":
                 raise TensorMismatchError(msg + " (pass --nan-policy warn to merge anyway)")
             log.warning(msg)
-        return t.to(self.options.device)
+
+    def _read_flat(self, model: str, tensor: str, a: int, b: int, check: bool) -> torch.Tensor:
+        t = self.plan.models[model].get_flat(tensor, a, b, dtype=self.compute_dtype)
+        if check:
+            self._check_finite(t, model, tensor)
+        return t
+
+    def load_flat(self, job: Job, a: int, b: int, check: bool = True) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+        """Elements a:b of every input of ``job`` (flattened); no transfers (see ``_chunk_kind``)."""
+        base = self._read_flat(job.base.model, job.base.tensor, a, b, check) if job.base is not None else None
+        return [self._read_flat(ref.model, ref.tensor, a, b, check) for ref in job.inputs], base
 
     def load(self, job: Job) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
         base = self._read(job.base.model, job.base.tensor) if job.base is not None else None
@@ -90,8 +111,153 @@ class Inputs:
         return tensors, base
 
 
+#: Tensors with more elements than this are merged in flat slices of this many elements (16 MiB of
+#: float32 per input), when the method allows: the working set, hence the peak RSS, then does not
+#: depend on the model's size, and the slices' buffers are reused by the allocator instead of
+#: being fresh (page-faulted, zeroed) memory every time.
+CHUNK_ELEMENTS = 4 << 20
+#: Elementwise methods (no pass over the whole tensor) use small slices: their few arithmetic
+#: passes then run on data in the CPU caches.
+ELEMENTWISE_SLICE = 512 << 10
+_ELEMENTWISE = {"task_arithmetic", "linear"}
+
+
+def _chunk_kind(job: Job, options: RunOptions) -> Optional[str]:
+    """'elementwise' or 'ties' when ``job`` can be merged in flat slices, else None."""
+    if options.device != "cpu":
+        return None
+    numel = math.prod(job.shape)
+    if numel <= min(CHUNK_ELEMENTS, ELEMENTWISE_SLICE):
+        return None
+    if job.seed is not None or getattr(job.method, "needs_stats", False):
+        return None
+    if any(ref.transfer is not None for ref in job.inputs):
+        return None
+    if job.method.name in _ELEMENTWISE:
+        return "elementwise" if numel > ELEMENTWISE_SLICE else None
+    if job.method.name == "ties" and numel > CHUNK_ELEMENTS:
+        params = job.method.resolve(job.model_params, job.global_params, tensor_name=job.name)
+        if params["rescale"] == "none":
+            return "ties"
+    return None
+
+
+Unit = tuple  # (loader: () -> loaded inputs, processor: (loaded) -> None)
+
+
+def _units(order: list[Job], inputs: Inputs, writer: Any, options: RunOptions, bar: Any) -> Iterator[Unit]:
+    """The merge as a sequence of (load, process) steps: a whole tensor, or one slice of a big one.
+
+    Loading (pread + NaN check) never depends on what earlier steps computed (a background
+    reader could run step i+1's load during step i; on 2 cores that gained nothing, measured).
+    """
+    streaming = isinstance(writer, StreamingShardedWriter)
+    for job in order:
+        kind = _chunk_kind(job, options) if streaming else None
+        if kind is None:
+            yield (lambda job=job: inputs.load(job)), (lambda loaded, job=job: writer.add(job.name, _merge_loaded(job, inputs, loaded)))
+        elif kind == "elementwise":
+            yield from _elementwise_units(job, inputs, writer)
+        else:
+            yield from _ties_units(job, inputs, writer)
+        bar.update(1)
+
+
+def _ranges(job: Job, size: int) -> list[tuple[int, int]]:
+    numel = math.prod(job.shape)
+    return [(a, min(numel, a + size)) for a in range(0, numel, size)]
+
+
+def _elementwise_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
+    def process(loaded: Any, a: int) -> None:
+        tensors, base = loaded
+        out = job.method.merge(tensors, base, job.model_params, job.global_params, tensor_name=job.name)
+        writer.add_part(job.name, out.to("cpu", job.out_dtype or out.dtype), a)
+
+    for a, b in _ranges(job, ELEMENTWISE_SLICE):
+        yield (lambda a=a, b=b: inputs.load_flat(job, a, b)), (lambda loaded, a=a: process(loaded, a))
+
+
+def _ties_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
+    """TIES slice by slice: two counting passes find every input's top-k threshold (radix select
+    over histograms of the whole tensor), the third merges; the result equals the whole-tensor one."""
+    from mergekit_bico.methods.sparsify import MagnitudeThreshold, magnitude_keys
+    from mergekit_bico.methods.task_arithmetic import generalized_task_arithmetic
+
+    numel = math.prod(job.shape)
+    ranges = _ranges(job, CHUNK_ELEMENTS)
+    params = job.method.resolve(job.model_params, job.global_params, tensor_name=job.name)
+    dens = params["density"]
+    ks = [None if d >= 1 else max(1, int(d * numel)) for d in dens]
+    active = [i for i, k in enumerate(ks) if k is not None and k < numel and dens[i] > 0]
+    thresholds: list[Any] = [None] * len(ks)
+    for i, d in enumerate(dens):
+        if d <= 0:
+            thresholds[i] = MagnitudeThreshold(0x7FFFFFFF, 0, False)  # keys > max: none kept
+    highs = {i: torch.zeros(1 << 15, dtype=torch.int64) for i in active}
+    lows = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}
+    picks: dict[int, tuple[int, int]] = {}
+
+    def promoted(loaded: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        tensors, base = loaded
+        dtype = base.dtype
+        for t in tensors:
+            dtype = torch.promote_types(dtype, t.dtype)
+        return [t.to(dtype) for t in tensors], base.to(dtype)
+
+    def count_high(loaded: Any) -> None:
+        tensors, base = promoted(loaded)
+        for i in active:
+            highs[i] += MagnitudeThreshold.high_histogram(magnitude_keys(torch.sub(tensors[i], base)))
+
+    def count_low(loaded: Any) -> None:
+        if not picks:
+            picks.update({i: MagnitudeThreshold.pick_digit(highs[i], numel, ks[i]) for i in active})
+        tensors, base = promoted(loaded)
+        for i in active:
+            lows[i] += MagnitudeThreshold.low_histogram(magnitude_keys(torch.sub(tensors[i], base)), picks[i][0])
+
+    def merge(loaded: Any, a: int) -> None:
+        if active and thresholds[active[0]] is None:
+            for i in active:
+                thresholds[i] = MagnitudeThreshold.from_histograms(lows[i], picks[i][0], picks[i][1], numel, ks[i])
+        tensors, base = promoted(loaded)
+        out = generalized_task_arithmetic(
+            tensors, base, weight=params["weight"], sparsification="magnitude", consensus="sum",
+            normalize=params["normalize"], rescale="none", lambda_=params["lambda"], thresholds=thresholds,
+        )
+        writer.add_part(job.name, out.to("cpu", job.out_dtype or out.dtype), a)
+
+    if active:
+        for a, b in ranges:
+            yield (lambda a=a, b=b: inputs.load_flat(job, a, b, check=False)), count_high
+        for a, b in ranges:
+            yield (lambda a=a, b=b: inputs.load_flat(job, a, b, check=False)), count_low
+    for a, b in ranges:
+        yield (lambda a=a, b=b: inputs.load_flat(job, a, b)), (lambda loaded, a=a: merge(loaded, a))
+
+
+def _has_nonfinite(t: torch.Tensor) -> bool:
+    """Whether a floating tensor holds NaN or +-Inf.
+
+    One reduction pass and no temporaries: any NaN/Inf makes the sum NaN/Inf; only when the sum
+    is not finite (which a float32 overflow can also cause) is the exact elementwise check run.
+    ``torch.isfinite(t).all()`` costs several passes and a bool tensor the size of ``t``.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return False
+    return not bool(torch.isfinite(t).all())
+
+
 def _merge_one(job: Job, inputs: Inputs) -> torch.Tensor:
-    tensors, base = inputs.load(job)
+    return _merge_loaded(job, inputs, inputs.load(job))
+
+
+def _merge_loaded(job: Job, inputs: Inputs, loaded: Any) -> torch.Tensor:
+    tensors, base = loaded
     generator = None
     if job.seed is not None:
         # seeded by (seed, tensor name), on the CPU: masks depend on neither job order nor device
@@ -162,11 +328,15 @@ def run_plan(
     order = _storage_order(plan)
     protected = [Path(p) for p in plan.models]
     with atomic_output_dir(out_path, overwrite=options.overwrite, protected=protected) as tmp:
-        writer = ShardedWriter(tmp, options.out_shard_size, metadata={"format": "pt", "mergekit_bico": plan.method.name})
-        bar = tqdm(order, desc="merging", unit="tensor", disable=not options.progress)
-        for job in bar:
-            bar.set_postfix_str(job.name[-40:], refresh=False)
-            writer.add(job.name, _merge_one(job, inputs))
+        metadata = {"format": "pt", "mergekit_bico": plan.method.name}
+        layout = _output_layout(plan, order, compute_dtype) if hasattr(os, "pwrite") else None
+        if layout is not None:  # stream every tensor to disk as it is merged
+            writer: Any = StreamingShardedWriter(tmp, options.out_shard_size, layout, metadata=metadata)
+        else:
+            writer = ShardedWriter(tmp, options.out_shard_size, metadata=metadata)
+        with tqdm(total=len(order), desc="merging", unit="tensor", disable=not options.progress) as bar:
+            for load, process in _units(order, inputs, writer, options, bar):
+                process(load())
         writer.finish()
         ref = plan.base_path or plan.entries[0].path
         tok_src = None
@@ -188,6 +358,38 @@ def run_plan(
                 reports.append(out_path / p.name)
         bytes_written = writer.bytes_written
     return RunResult(out_path, len(order), bytes_written, time.perf_counter() - start, reports)
+
+
+def _output_layout(plan: Plan, order: list[Job], compute_dtype: Optional[torch.dtype]) -> Optional[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+    """(name, dtype, shape) of every output tensor in ``order``, as ``_merge_one`` will produce them,
+    from the input headers alone; None when that cannot be known up front (then the writer buffers).
+
+    dtype: ``out_dtype``, else the computation dtype: ``dtype:`` of the config, else the promotion
+    of the inputs' dtypes (non-floating tensors are copied, so they keep the first input's dtype).
+    """
+    if any(job.method.name == "passthrough" for job in order):
+        return None
+    layout = []
+    try:
+        for job in order:
+            if job.out_dtype is not None:
+                dtype = job.out_dtype
+            else:
+                refs = ([job.base] if job.base is not None else []) + list(job.inputs)
+                if not refs or any(r.transfer is not None for r in refs):
+                    return None
+                dtypes = [plan.models[r.model].dtype(r.tensor) for r in refs]
+                if compute_dtype is not None:
+                    dtypes = [compute_dtype for _ in dtypes]
+                if not all(d.is_floating_point for d in dtypes):
+                    return None
+                dtype = dtypes[0]
+                for d in dtypes[1:]:
+                    dtype = torch.promote_types(dtype, d)
+            layout.append((job.name, dtype, tuple(job.shape)))
+    except Exception:  # noqa: BLE001 - anything unusual: fall back to the buffering writer
+        return None
+    return layout
 
 
 def _storage_order(plan: Plan) -> list[Job]:

@@ -45,6 +45,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import threading
 import warnings
 from collections import OrderedDict
@@ -95,6 +96,9 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     for tag, (attr, size) in _DTYPE_TABLE.items()
     if isinstance(getattr(torch, attr, None), torch.dtype)
 }
+
+# safetensors data is little-endian; preadv is POSIX (no Windows): else the safetensors mmap path
+_PREAD = sys.byteorder == "little" and hasattr(os, "preadv")
 
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 
@@ -162,6 +166,7 @@ class LazyModel:
         self._files: list[str] = []  # rel weight files, in layout order
         self._st_files: dict[str, _StFile] = {}
         self._handles: dict[str, Any] = {}
+        self._fds: dict[str, int] = {}
         self._bin_cache: "OrderedDict[str, dict[str, torch.Tensor]]" = OrderedDict()
         self._bin_loaded: set[str] = set()
         self._bin_keys_known = True
@@ -552,6 +557,20 @@ class LazyModel:
         info = self._meta(name)
         rel = info.file
         if rel in self._st_files:
+            if _PREAD:
+                # pread into a fresh tensor: one copy from the page cache, nothing mapped, so
+                # the process's RSS does not accumulate the inputs' file pages as the merge
+                # proceeds; the result is already the caller's own.
+                t = self._pread(rel, name, info)
+                if (dtype is None or dtype == t.dtype) and torch.device(device).type == "cpu":
+                    return t
+                try:
+                    return t.to(device=device, dtype=dtype)
+                except (RuntimeError, TypeError, ValueError) as e:
+                    raise self._err(
+                        f"cannot convert tensor '{name}' to dtype={dtype} device={device}: "
+                        f"{_one_line(e, 200)}"
+                    ) from None
             handle = self._handle(rel)
             try:
                 t = handle.get_tensor(name)
@@ -571,6 +590,76 @@ class LazyModel:
         if out.data_ptr() == t.data_ptr() and out.numel() > 0:
             out = out.clone(memory_format=torch.contiguous_format)
         return out
+
+    def _fd(self, rel: str) -> int:
+        """A read-only descriptor of one safetensors shard (size checked against the index)."""
+        with self._lock:
+            fd = self._fds.get(rel)
+            if fd is not None:
+                return fd
+            st = self._st_files[rel]
+            try:
+                fd = os.open(st.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                size = os.fstat(fd).st_size
+            except OSError as e:
+                raise self._err(f"cannot read shard '{rel}': {e.strerror}") from None
+            if size != st.size:
+                os.close(fd)
+                raise self._err(
+                    f"shard '{rel}' changed on disk since it was indexed "
+                    f"(was {st.size} bytes, now {size})"
+                )
+            self._fds[rel] = fd
+            return fd
+
+    def _pread(self, rel: str, name: str, info: _TensorInfo) -> torch.Tensor:
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        self._pread_into(rel, name, buf, info.begin)
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def _pread_into(self, rel: str, name: str, buf: torch.Tensor, offset: int) -> None:
+        """Fill the uint8 tensor ``buf`` from byte ``offset`` of shard ``rel``."""
+        total = buf.numel()
+        if not total:
+            return
+        fd = self._fd(rel)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < total:  # Linux returns at most ~2 GiB per call
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise self._err(
+                    f"cannot read tensor '{name}' from shard '{rel}': {e.strerror}"
+                ) from None
+            if n <= 0:
+                raise self._err(
+                    f"cannot read tensor '{name}' from shard '{rel}': the file is shorter "
+                    "than its header says (truncated while in use?)"
+                )
+            done += n
+
+    def get_flat(
+        self, name: str, start: int, stop: int, *, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Elements ``start:stop`` of the flattened tensor (row-major), as a new 1-D tensor.
+
+        Reads only those bytes (one ``pread``) for safetensors; lets the executor merge a big
+        tensor in bounded slices.
+        """
+        info = self._meta(name)
+        numel = math.prod(info.shape)
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"range {start}:{stop} out of bounds for '{name}' ({numel} elements)")
+        rel = info.file
+        if rel in self._st_files and _PREAD:
+            itemsize = info.nbytes // numel if numel else 1
+            buf = torch.empty((stop - start) * itemsize, dtype=torch.uint8)
+            self._pread_into(rel, name, buf, info.begin + start * itemsize)
+            t = buf.view(info.dtype)
+        else:
+            t = self.get(name).reshape(-1)[start:stop].clone()
+        return t if dtype is None or dtype == t.dtype else t.to(dtype)
 
     def _handle(self, rel: str) -> Any:
         with self._lock:
@@ -671,6 +760,12 @@ class LazyModel:
                     except Exception:  # noqa: BLE001
                         pass
             self._handles.clear()
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
             self._bin_cache.clear()
 
     def __enter__(self) -> "LazyModel":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import secrets
@@ -28,6 +29,7 @@ from mergekit_bico.errors import ConfigError, ModelLoadError, OutputError
 __all__ = [
     "parse_size",
     "ShardedWriter",
+    "StreamingShardedWriter",
     "atomic_output_dir",
     "check_output_dir",
     "cleanup_stale_partials",
@@ -122,6 +124,52 @@ def _write_error(where: Path, e: BaseException) -> OutputError:
     return OutputError(f"cannot write output folder '{where}': {reason}")
 
 
+def _writer_args(out_dir: Path, max_shard_bytes: int, metadata: dict[str, str] | None) -> tuple[Path, int, dict[str, str]]:
+    """Checked (out_dir, max_shard_bytes, safetensors metadata with format=pt) of a shard writer."""
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int):
+        raise ConfigError(f"max shard size must be an integer byte count, got {max_shard_bytes!r}")
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max shard size must be positive, got {max_shard_bytes}")
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise OutputError(f"cannot write output folder '{out_dir}': not a directory")
+    meta = {"format": "pt"}
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ConfigError(f"safetensors metadata must be str -> str, got {k!r}: {v!r}")
+        meta[k] = v
+    meta["format"] = "pt"
+    return out_dir, max_shard_bytes, meta
+
+
+def _finalize_shards(out_dir: Path, shards: list[tuple[Path, list[str]]], total_parameters: int, total_size: int) -> dict[str, str]:
+    """Rename finished temp shards to ``model[-i-of-n].safetensors``, write the index when there
+    are several (fsynced, atomically); return the sorted weight_map."""
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    try:
+        for i, (tmp, names) in enumerate(shards, start=1):
+            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(tmp, out_dir / final)
+            for name in names:
+                weight_map[name] = final
+        if n > 1:
+            index = {
+                "metadata": {"total_parameters": total_parameters, "total_size": total_size},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            tmp_index = out_dir / ".model.safetensors.index.json.tmp"
+            with open(tmp_index, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_index, out_dir / "model.safetensors.index.json")
+    except OSError as e:
+        raise _write_error(out_dir, e) from e
+    return dict(sorted(weight_map.items()))
+
+
 class ShardedWriter:
     """Streams tensors into safetensors shards of at most max_shard_bytes (a single tensor bigger than that gets its own shard).
 
@@ -139,21 +187,7 @@ class ShardedWriter:
         max_shard_bytes: int,
         metadata: dict[str, str] | None = None,
     ) -> None:
-        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int):
-            raise ConfigError(f"max shard size must be an integer byte count, got {max_shard_bytes!r}")
-        if max_shard_bytes <= 0:
-            raise ConfigError(f"max shard size must be positive, got {max_shard_bytes}")
-        self.out_dir = Path(out_dir)
-        if not self.out_dir.is_dir():
-            raise OutputError(f"cannot write output folder '{self.out_dir}': not a directory")
-        self.max_shard_bytes = max_shard_bytes
-        meta = {"format": "pt"}
-        for k, v in (metadata or {}).items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise ConfigError(f"safetensors metadata must be str -> str, got {k!r}: {v!r}")
-            meta[k] = v
-        meta["format"] = "pt"
-        self.metadata = meta
+        self.out_dir, self.max_shard_bytes, self.metadata = _writer_args(out_dir, max_shard_bytes, metadata)
         self.bytes_written = 0  # bytes of shard files on disk
         self.peak_buffered_bytes = 0
         self.total_tensor_bytes = 0
@@ -256,33 +290,266 @@ class ShardedWriter:
             self.bytes_written += path.stat().st_size
             self._temp_shards.append((path, []))
         self._flush()
-        n = len(self._temp_shards)
-        weight_map: dict[str, str] = {}
-        try:
-            for i, (tmp, names) in enumerate(self._temp_shards, start=1):
-                final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-                os.replace(tmp, self.out_dir / final)
-                for name in names:
-                    weight_map[name] = final
-            if n > 1:
-                index = {
-                    "metadata": {
-                        "total_parameters": self.total_parameters,
-                        "total_size": self.total_tensor_bytes,
-                    },
-                    "weight_map": dict(sorted(weight_map.items())),
-                }
-                tmp_index = self.out_dir / ".model.safetensors.index.json.tmp"
-                with open(tmp_index, "w", encoding="utf-8") as f:
-                    json.dump(index, f, indent=2)
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp_index, self.out_dir / "model.safetensors.index.json")
-        except OSError as e:
-            raise _write_error(self.out_dir, e) from e
+        weight_map = _finalize_shards(self.out_dir, self._temp_shards, self.total_parameters, self.total_tensor_bytes)
         self._finished = True
-        return dict(sorted(weight_map.items()))
+        return weight_map
+
+
+# dtype -> safetensors tag (what safetensors itself writes)
+_ST_TAGS: dict[torch.dtype, str] = {}
+for _tag, _attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+    ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
+    ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"),
+    ("C64", "complex64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+):
+    if isinstance(getattr(torch, _attr, None), torch.dtype):
+        _ST_TAGS[getattr(torch, _attr)] = _tag
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+_EARLY_WRITEBACK = hasattr(os, "posix_fadvise")
+
+
+class StreamingShardedWriter:
+    """Writes each tensor to its shard file as soon as it is added: nothing is buffered.
+
+    safetensors puts a JSON header (names, dtypes, shapes, byte offsets) before the data, so the
+    header must be known before the data is written: the caller gives the whole ``layout`` --
+    ``(name, dtype, shape)`` of every output tensor, in the order they will be added -- up front
+    (the planner knows it from the input headers). Shards are cut exactly like
+    :class:`ShardedWriter` cuts them for the same order; within a shard the tensors are laid
+    out in that order (stable-sorted by descending element size, so every tensor is aligned to
+    its element size), each shard's header is written when its first tensor arrives and every
+    tensor goes straight to its offset (``pwrite``), so a tensor may arrive in any order. A shard
+    is fsynced and closed when its last tensor has arrived. Shard size counts tensor bytes.
+
+    Memory: none beyond the tensor being added, whatever the model or shard size.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        max_shard_bytes: int,
+        layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.out_dir, self.max_shard_bytes, self.metadata = _writer_args(out_dir, max_shard_bytes, metadata)
+        self.bytes_written = 0
+        self.peak_buffered_bytes = 0
+        self.total_tensor_bytes = 0
+        self.total_parameters = 0
+        self._finished = False
+        # name -> (shard index, absolute offset, dtype, shape, nbytes)
+        self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
+        self._written: set[str] = set()
+        self._parts: dict[str, int] = {}  # bytes written so far of tensors added in parts
+        groups: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        used = 0
+        for name, dtype, shape in layout:
+            if not isinstance(name, str) or not name:
+                raise OutputError(f"invalid output tensor name {name!r}")
+            if name in self._slots:
+                raise OutputError(f"output tensor '{name}' is planned twice (in '{self.out_dir}')")
+            if dtype not in _ST_TAGS:
+                raise OutputError(f"output tensor '{name}' has dtype {dtype}, which safetensors cannot store")
+            shape = tuple(int(d) for d in shape)
+            nbytes = math.prod(shape) * _itemsize(dtype)
+            if groups[-1] and used + nbytes > max_shard_bytes:
+                groups.append([])
+                used = 0
+            groups[-1].append((name, dtype, shape, nbytes))
+            used += nbytes
+            self.total_tensor_bytes += nbytes
+            self.total_parameters += math.prod(shape)
+            self._slots[name] = (-1, 0, dtype, shape, nbytes)  # placeholder for duplicates check
+        # shard files: header + data
+        self._shards: list[dict] = []
+        for index, group in enumerate(groups):
+            entries = sorted(group, key=lambda e: -_itemsize(e[1]))  # stable: keeps arrival order
+            header: dict = {"__metadata__": self.metadata}
+            offset = 0
+            for name, dtype, shape, nbytes in entries:
+                header[name] = {"dtype": _ST_TAGS[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+            raw += b" " * (-len(raw) % 8)
+            start = 8 + len(raw)
+            pos = start
+            for name, dtype, shape, nbytes in entries:
+                self._slots[name] = (index, pos, dtype, shape, nbytes)
+                pos += nbytes
+            self._shards.append({
+                "path": self.out_dir / f".shard-{index:05d}.safetensors.tmp",
+                "header": len(raw).to_bytes(8, "little") + raw,
+                "size": pos,
+                "names": [e[0] for e in group],
+                "left": len(group),
+                "fd": None,
+            })
+
+    def __len__(self) -> int:
+        return len(self._written)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._written
+
+    @property
+    def buffered_bytes(self) -> int:
+        return 0
+
+    def _open(self, shard: dict) -> int:
+        if shard["fd"] is None:
+            path = shard["path"]
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+                shard["fd"] = fd
+                self._pwrite(fd, memoryview(shard["header"]), 0)
+            except OSError as e:
+                raise _write_error(self.out_dir, e) from e
+        return shard["fd"]
+
+    @staticmethod
+    def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+        done, total = 0, len(data)
+        while done < total:  # Linux writes at most ~2 GiB per call
+            done += os.pwrite(fd, data[done:], offset + done)
+        if _EARLY_WRITEBACK and total >= 1 << 20:
+            # Start writing these pages to disk now (Linux: DONTNEED on dirty pages starts async
+            # writeback and drops them once clean; we never read them back), so the fsync at the
+            # end of the shard waits for the tail only instead of the whole shard.
+            start = -(-offset // 4096) * 4096  # whole pages only: the partial first/last pages
+            end = (offset + total) // 4096 * 4096  # are still being filled by the neighbours
+            if end > start:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+
+    def _close(self, shard: dict, *, sync: bool) -> None:
+        fd = shard["fd"]
+        if fd is None:
+            return
+        shard["fd"] = None
+        try:
+            if sync:
+                os.ftruncate(fd, shard["size"])  # no-op unless trailing tensors were empty
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._finished:
+            raise OutputError(f"cannot add tensor '{name}': the writer for '{self.out_dir}' is finished")
+        slot = self._slots.get(name)
+        if slot is None:
+            raise OutputError(f"output tensor '{name}' was not planned (writer for '{self.out_dir}')")
+        if name in self._written:
+            raise OutputError(f"output tensor '{name}' was written twice (to '{self.out_dir}')")
+        if not isinstance(tensor, torch.Tensor):
+            raise OutputError(f"output tensor '{name}' is a {type(tensor).__name__}, not a torch.Tensor")
+        index, offset, dtype, shape, nbytes = slot
+        t = tensor.detach()
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            raise OutputError(
+                f"output tensor '{name}' is {t.dtype}{list(t.shape)}, but {dtype}{list(shape)} was planned"
+            )
+        if t.layout != torch.strided:
+            raise OutputError(f"output tensor '{name}' has unsupported layout {t.layout}")
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        t = t.contiguous()
+        shard = self._shards[index]
+        fd = self._open(shard)
+        if nbytes:
+            data = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            try:
+                self._pwrite(fd, data, offset)
+            except OSError as e:
+                self._abort()
+                raise _write_error(self.out_dir, e) from e
+        self._complete(name, shard)
+
+    def add_part(self, name: str, part: torch.Tensor, start: int) -> None:
+        """Write elements ``start:start+part.numel()`` of the flattened tensor ``name``.
+
+        The tensor counts as added once all its elements have been written (parts must not
+        overlap); lets a caller merge a big tensor in slices without ever holding all of it.
+        """
+        if self._finished:
+            raise OutputError(f"cannot add tensor '{name}': the writer for '{self.out_dir}' is finished")
+        slot = self._slots.get(name)
+        if slot is None:
+            raise OutputError(f"output tensor '{name}' was not planned (writer for '{self.out_dir}')")
+        if name in self._written:
+            raise OutputError(f"output tensor '{name}' was written twice (to '{self.out_dir}')")
+        index, offset, dtype, shape, nbytes = slot
+        t = part.detach()
+        if t.dtype != dtype:
+            raise OutputError(f"part of output tensor '{name}' is {t.dtype}, but {dtype} was planned")
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        t = t.contiguous().reshape(-1)
+        itemsize = t.element_size()
+        done = self._parts.get(name, 0)
+        if start < 0 or (start + t.numel()) * itemsize > nbytes:
+            raise OutputError(f"part {start}:{start + t.numel()} is outside output tensor '{name}'")
+        shard = self._shards[index]
+        fd = self._open(shard)
+        if t.numel():
+            try:
+                self._pwrite(fd, memoryview(t.view(torch.uint8).numpy()), offset + start * itemsize)
+            except OSError as e:
+                self._abort()
+                raise _write_error(self.out_dir, e) from e
+        done += t.numel() * itemsize
+        self._parts[name] = done
+        if done == nbytes:
+            del self._parts[name]
+            self._complete(name, shard)
+
+    def _complete(self, name: str, shard: dict) -> None:
+        self._written.add(name)
+        shard["left"] -= 1
+        if shard["left"] == 0:
+            try:
+                self._close(shard, sync=True)
+            except OSError as e:
+                self._abort()
+                raise _write_error(self.out_dir, e) from e
+            self.bytes_written += shard["size"]
+
+    def _abort(self) -> None:
+        for shard in self._shards:
+            with contextlib.suppress(OSError):
+                self._close(shard, sync=False)
+
+    def __del__(self) -> None:  # a failed run: do not leak descriptors
+        with contextlib.suppress(Exception):
+            self._abort()
+
+    def finish(self) -> dict:
+        """Check that every planned tensor arrived, give shards their final names; return the weight_map."""
+        if self._finished:
+            raise OutputError(f"the writer for '{self.out_dir}' is already finished")
+        missing = [n for n in self._slots if n not in self._written]
+        if missing:
+            self._abort()
+            raise OutputError(f"output tensor '{missing[0]}' was planned but never written ({len(missing)} missing)")
+        for shard in self._shards:
+            if shard["left"] == 0 and shard["fd"] is None and not shard["path"].exists():
+                # only an empty model (no tensors) gets here: header only
+                try:
+                    self._open(shard)
+                    self._close(shard, sync=True)
+                except OSError as e:
+                    raise _write_error(self.out_dir, e) from e
+                self.bytes_written += shard["size"]
+        shards = [(shard["path"], shard["names"]) for shard in self._shards]
+        weight_map = _finalize_shards(self.out_dir, shards, self.total_parameters, self.total_tensor_bytes)
+        self._finished = True
+        return weight_map
 
 
 # ------------------------------------------------------------- output folder

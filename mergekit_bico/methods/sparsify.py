@@ -93,18 +93,15 @@ def coerce_rescale(value: Any) -> str:
 
 def magnitude_keys(tensor: torch.Tensor) -> torch.Tensor:
     """Flat int32 sort keys whose order is the order of ``|tensor|`` in float32."""
-    w = tensor.detach().reshape(-1).abs()
+    w = tensor.detach().reshape(-1)
     if w.dtype != torch.float32:
         w = w.float()
-    # abs() may leave a sign bit on NaN; clear it so every key is >= 0.
+    # Clearing the sign bit of the float32 bit pattern is abs() (NaN included), in one pass.
     return w.view(torch.int32) & 0x7FFFFFFF
 
 
-def kth_smallest_key(keys: torch.Tensor, k: int) -> int:
-    """The k-th smallest (1-based) of non-negative int32 ``keys``: radix select.
-
-    Two counting passes over 16-bit digits; O(n), no sort.
-    """
+def _kth_smallest(keys: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """(key, number of keys < key, number of keys <= key) for the k-th smallest key."""
     n = keys.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range for {n} elements")
@@ -112,20 +109,28 @@ def kth_smallest_key(keys: torch.Tensor, k: int) -> int:
     counts = torch.bincount(high, minlength=1 << 15).cumsum(0)
     digit = int(torch.searchsorted(counts, torch.tensor(k, device=counts.device)))
     below = int(counts[digit - 1]) if digit > 0 else 0
-    low = keys[high == digit] & 0xFFFF
+    low = torch.masked_select(keys, high == digit) & 0xFFFF
+    del high
     counts = torch.bincount(low, minlength=1 << 16).cumsum(0)
     low_digit = int(
         torch.searchsorted(counts, torch.tensor(k - below, device=counts.device))
     )
-    return (digit << 16) | low_digit
+    less = below + (int(counts[low_digit - 1]) if low_digit > 0 else 0)
+    return (digit << 16) | low_digit, less, below + int(counts[low_digit])
 
 
-def _fill_ties(mask: torch.Tensor, keys: torch.Tensor, key: int, k: int) -> torch.Tensor:
-    """Add the lowest-index elements equal to ``key`` until ``mask`` holds k."""
-    missing = k - int(mask.sum())
-    if missing > 0:
-        ties = torch.nonzero(keys == key).reshape(-1)[:missing]
-        mask[ties] = True
+def kth_smallest_key(keys: torch.Tensor, k: int) -> int:
+    """The k-th smallest (1-based) of non-negative int32 ``keys``: radix select.
+
+    Two counting passes over 16-bit digits; O(n), no sort.
+    """
+    return _kth_smallest(keys, k)[0]
+
+
+def _take_ties(mask: torch.Tensor, keys: torch.Tensor, key: int, missing: int) -> torch.Tensor:
+    """Add the ``missing`` lowest-index elements equal to ``key`` to ``mask``."""
+    ties = torch.nonzero(keys == key).reshape(-1)[:missing]
+    mask[ties] = True
     return mask
 
 
@@ -139,8 +144,11 @@ def select_largest(keys: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=keys.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=keys.device)
-    key = kth_smallest_key(keys, n - k + 1)
-    return _fill_ties(keys > key, keys, key, k)
+    key, _less, less_eq = _kth_smallest(keys, n - k + 1)
+    missing = k - (n - less_eq)  # slots left for elements equal to key (>= 1)
+    if missing == less_eq - _less:  # every tied element fits: no tie-breaking
+        return keys >= key
+    return _take_ties(keys > key, keys, key, missing)
 
 
 def select_smallest(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -153,8 +161,66 @@ def select_smallest(keys: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool, device=keys.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=keys.device)
-    key = kth_smallest_key(keys, k)
-    return _fill_ties(keys < key, keys, key, k)
+    key, less, less_eq = _kth_smallest(keys, k)
+    missing = k - less
+    if missing == less_eq - less:
+        return keys <= key
+    return _take_ties(keys < key, keys, key, missing)
+
+
+class MagnitudeThreshold:
+    """Top-k magnitude pruning of a tensor processed in consecutive flat slices.
+
+    Built from the whole tensor's key histograms (:meth:`from_histograms`), then
+    :meth:`apply` is called on the slices in order; keeps exactly the set
+    :func:`magnitude` keeps for the whole tensor (ties at the threshold go to
+    the lowest flat indices).
+    """
+
+    __slots__ = ("key", "ties_left", "all_ties")
+
+    def __init__(self, key: int, ties_left: int, all_ties: bool) -> None:
+        self.key, self.ties_left, self.all_ties = key, ties_left, all_ties
+
+    @staticmethod
+    def high_histogram(keys: torch.Tensor) -> torch.Tensor:
+        return torch.bincount(keys >> 16, minlength=1 << 15)
+
+    @staticmethod
+    def pick_digit(high_hist: torch.Tensor, numel: int, k: int) -> tuple[int, int]:
+        """(high digit of the (numel-k+1)-th smallest key, number of keys below that digit)."""
+        target = numel - k + 1
+        counts = high_hist.cumsum(0)
+        digit = int(torch.searchsorted(counts, torch.tensor(target)))
+        return digit, int(counts[digit - 1]) if digit > 0 else 0
+
+    @staticmethod
+    def low_histogram(keys: torch.Tensor, digit: int) -> torch.Tensor:
+        low = torch.masked_select(keys, (keys >> 16) == digit) & 0xFFFF
+        return torch.bincount(low, minlength=1 << 16)
+
+    @classmethod
+    def from_histograms(cls, low_hist: torch.Tensor, digit: int, below: int, numel: int, k: int) -> "MagnitudeThreshold":
+        target = numel - k + 1
+        counts = low_hist.cumsum(0)
+        low_digit = int(torch.searchsorted(counts, torch.tensor(target - below)))
+        less = below + (int(counts[low_digit - 1]) if low_digit > 0 else 0)
+        less_eq = below + int(counts[low_digit])
+        missing = k - (numel - less_eq)
+        return cls((digit << 16) | low_digit, missing, missing == less_eq - less)
+
+    def apply(self, delta: torch.Tensor) -> torch.Tensor:
+        """Zero the dropped entries of this slice of the delta, in place."""
+        keys = magnitude_keys(delta)
+        if self.all_ties:
+            mask = keys >= self.key
+        else:
+            mask = keys > self.key
+            if self.ties_left > 0:
+                ties = torch.nonzero(keys == self.key).reshape(-1)[: self.ties_left]
+                mask[ties] = True
+                self.ties_left -= ties.numel()
+        return delta.mul_(mask.reshape(delta.shape))
 
 
 # ------------------------------------------------------------------------- rescale
@@ -202,15 +268,23 @@ def _uniform(
 # ----------------------------------------------------------------------- sparsifiers
 
 
-def magnitude(tensor: torch.Tensor, density: float, rescale: str = "none") -> torch.Tensor:
-    """Keep the ``max(1, int(density * numel))`` largest-magnitude entries (TIES)."""
+def magnitude(
+    tensor: torch.Tensor, density: float, rescale: str = "none", inplace: bool = False
+) -> torch.Tensor:
+    """Keep the ``max(1, int(density * numel))`` largest-magnitude entries (TIES).
+
+    ``inplace`` (with ``rescale="none"``) zeroes the dropped entries of ``tensor``
+    itself, which is then returned.
+    """
     if density >= 1:
         return tensor
     if density <= 0 or tensor.numel() == 0:
-        return torch.zeros_like(tensor)
+        return tensor.zero_() if inplace else torch.zeros_like(tensor)
     k = max(1, int(density * tensor.numel()))
-    mask = select_largest(magnitude_keys(tensor), k)
-    return _apply_mask(tensor, mask.reshape(tensor.shape).to(tensor.dtype), rescale, density)
+    mask = select_largest(magnitude_keys(tensor), k).reshape(tensor.shape)
+    if inplace and rescale == "none":
+        return tensor.mul_(mask)  # x * 1 / x * 0, as mergekit's float mask
+    return _apply_mask(tensor, mask.to(tensor.dtype), rescale, density)
 
 
 def magnitude_outliers(
@@ -299,9 +373,11 @@ def sparsify(
     gamma: float = 0.01,
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
+    """Sparsified ``tensor``; with ``inplace`` the result may be ``tensor`` itself, modified."""
     if method == "magnitude":
-        return magnitude(tensor, density, rescale)
+        return magnitude(tensor, density, rescale, inplace=inplace)
     if method == "magnitude_outliers":
         return magnitude_outliers(tensor, density, rescale, gamma)
     if method == "random":

@@ -46,16 +46,18 @@ def sign_consensus_mask(deltas: torch.Tensor, method: str = "sum") -> torch.Tens
 
     ``"sum"`` (TIES paper): the sign of the summed weighted deltas, ``>= 0``
     electing +1. ``"count"``: the sign held by more inputs, ties electing +1.
+    Zero deltas never agree; NaN deltas never agree (as ``sign(NaN) == +-1``
+    is false in mergekit).
     """
-    sign = deltas.sign().to(torch.int8)
     if method == "sum":
         positive = deltas.sum(dim=0) >= 0
     elif method == "count":
+        sign = deltas.sign().to(torch.int8)
         positive = sign.sum(dim=0, dtype=torch.int32) >= 0
     else:
         raise ValueError(f"unknown consensus method {method!r}")
-    majority = positive.to(torch.int8) * 2 - 1
-    return sign == majority
+    # sign(d) == +1 where +1 is elected, sign(d) == -1 where -1 is: no sign tensor needed
+    return torch.where(positive, deltas > 0, deltas < 0)
 
 
 def generalized_task_arithmetic(
@@ -72,16 +74,30 @@ def generalized_task_arithmetic(
     rescale: str = "none",
     lambda_: float = 1.0,
     generator: torch.Generator | None = None,
+    thresholds: Sequence[Any] | None = None,
 ) -> torch.Tensor:
-    """Merge task vectors ``tensors[i] - base`` (see the module docstring)."""
+    """Merge task vectors ``tensors[i] - base`` (see the module docstring).
+
+    ``thresholds`` (one :class:`~mergekit_bico.methods.sparsify.MagnitudeThreshold`
+    or None per input) replaces magnitude sparsification when merging a tensor
+    slice by slice.
+
+    Same operations, in the same order and dtype, as mergekit 0.1.5 (so the same
+    rounding), but written into preallocated buffers: one ``(n, *shape)`` delta
+    buffer, no per-input temporaries.
+    """
     if not tensors:
         return base
     n = len(tensors)
     deltas = base.new_empty((n, *base.shape))
     for index, tensor in enumerate(tensors):
-        delta = tensor - base
-        if sparsification is not None:
-            delta = sparsify(
+        delta = deltas[index]
+        torch.sub(tensor, base, out=delta)
+        if thresholds is not None:
+            if thresholds[index] is not None:
+                thresholds[index].apply(delta)
+        elif sparsification is not None:
+            kept = sparsify(
                 delta,
                 sparsification,
                 density=density[index] if density is not None else 1.0,
@@ -89,8 +105,11 @@ def generalized_task_arithmetic(
                 gamma=gamma[index] if gamma is not None else 0.01,
                 epsilon=epsilon[index] if epsilon is not None else 0.15,
                 generator=generator,
+                inplace=True,
             )
-        deltas[index] = delta
+            if kept is not delta:
+                delta.copy_(kept)
+            del kept
         del delta
 
     weights = torch.tensor(list(weight), dtype=deltas.dtype, device=deltas.device)
@@ -100,7 +119,10 @@ def generalized_task_arithmetic(
     if consensus is not None:
         mask = sign_consensus_mask(deltas, consensus)
         mixed = deltas.mul_(mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
+        # sum_i w_i * mask_i, accumulated in order (w_i * mask_i is exactly w_i or 0)
+        divisor = torch.zeros_like(mixed)
+        for index in range(n):
+            divisor.add_(mask[index], alpha=float(weights[index].reshape(())))
         del mask
         divisor[divisor == 0] = 1
     else:
@@ -113,7 +135,8 @@ def generalized_task_arithmetic(
         mixed /= divisor
     if lambda_ != 1:
         mixed *= lambda_
-    return (base + mixed).to(base.dtype)
+    mixed.add_(base)  # == base + mixed (addition is commutative), without a new tensor
+    return mixed if mixed.dtype == base.dtype else mixed.to(base.dtype)
 
 
 def _make_fn(sparsification: str | None, consensus: str | None):
