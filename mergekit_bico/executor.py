@@ -155,7 +155,7 @@ def _units(order: list[Job], inputs: Inputs, writer: Any, options: RunOptions, b
     for job in order:
         kind = _chunk_kind(job, options) if streaming else None
         if kind is None:
-            yield (lambda job=job: inputs.load(job)), (lambda loaded, job=job: writer.add(job.name, _merge_loaded(job, inputs, loaded)))
+            yield _whole_unit(job, inputs, writer)
         elif kind == "elementwise":
             yield from _elementwise_units(job, inputs, writer)
         else:
@@ -178,9 +178,16 @@ def _elementwise_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
         yield (lambda a=a, b=b: inputs.load_flat(job, a, b)), (lambda loaded, a=a: process(loaded, a))
 
 
+def _whole_unit(job: Job, inputs: Inputs, writer: Any) -> Unit:
+    """Load, merge and write ``job`` in one step (the whole tensor)."""
+    return (lambda: inputs.load(job)), (lambda loaded: writer.add(job.name, _merge_loaded(job, inputs, loaded)))
+
+
 def _ties_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
     """TIES slice by slice: two counting passes find every input's top-k threshold (radix select
-    over histograms of the whole tensor), the third merges; the result equals the whole-tensor one."""
+    over histograms of the whole tensor), the third merges; the result equals the whole-tensor one.
+    Where a threshold falls inside a run of equal magnitudes, which of them mergekit keeps is decided
+    by its sort of the whole tensor: that (rare) tensor is then merged whole, to keep the same ones."""
     from mergekit_bico.methods.sparsify import MagnitudeThreshold, magnitude_keys
     from mergekit_bico.methods.task_arithmetic import generalized_task_arithmetic
 
@@ -190,10 +197,7 @@ def _ties_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
     dens = params["density"]
     ks = [None if d >= 1 else max(1, int(d * numel)) for d in dens]
     active = [i for i, k in enumerate(ks) if k is not None and k < numel and dens[i] > 0]
-    thresholds: list[Any] = [None] * len(ks)
-    for i, d in enumerate(dens):
-        if d <= 0:
-            thresholds[i] = MagnitudeThreshold(0x7FFFFFFF, 0, False)  # keys > max: none kept
+    thresholds: list[Any] = [MagnitudeThreshold.drop_all() if d <= 0 else None for d in dens]
     highs = {i: torch.zeros(1 << 15, dtype=torch.int64) for i in active}
     lows = {i: torch.zeros(1 << 16, dtype=torch.int64) for i in active}
     picks: dict[int, tuple[int, int]] = {}
@@ -218,9 +222,6 @@ def _ties_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
             lows[i] += MagnitudeThreshold.low_histogram(magnitude_keys(torch.sub(tensors[i], base)), picks[i][0])
 
     def merge(loaded: Any, a: int) -> None:
-        if active and thresholds[active[0]] is None:
-            for i in active:
-                thresholds[i] = MagnitudeThreshold.from_histograms(lows[i], picks[i][0], picks[i][1], numel, ks[i])
         tensors, base = promoted(loaded)
         out = generalized_task_arithmetic(
             tensors, base, weight=params["weight"], sparsification="magnitude", consensus="sum",
@@ -233,6 +234,12 @@ def _ties_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
             yield (lambda a=a, b=b: inputs.load_flat(job, a, b, check=False)), count_high
         for a, b in ranges:
             yield (lambda a=a, b=b: inputs.load_flat(job, a, b, check=False)), count_low
+        # the units above have been processed by now: the consumer runs each before asking for the next
+        for i in active:
+            thresholds[i] = MagnitudeThreshold.from_histograms(lows[i], picks[i][0], picks[i][1], numel, ks[i])
+        if any(thresholds[i].ambiguous for i in active):
+            yield _whole_unit(job, inputs, writer)
+            return
     for a, b in ranges:
         yield (lambda a=a, b=b: inputs.load_flat(job, a, b)), (lambda loaded, a=a: merge(loaded, a))
 

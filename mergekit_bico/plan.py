@@ -164,6 +164,13 @@ class Planner:
     def path(self, ref: str) -> str:
         return resolve_model_path(ref, self.config_dir)
 
+    def calibration(self, *choices: Optional[CalibrationConfig]) -> Optional[CalibrationConfig]:
+        """The first calibration block given, its ``data`` path resolved like a model path."""
+        for c in choices:
+            if c is not None:
+                return c.model_copy(update={"data": self.path(c.data)})
+        return None
+
     # -- parameters ----------------------------------------------------------------------------
     def _known_params(self) -> set[str]:
         names = {p.name for p in self.method.params}
@@ -237,10 +244,10 @@ class Planner:
             path=path,
             levels=[params, cfg.parameters],
             transfer=transfer,
-            calibration=m.calibration or cfg.calibration,
+            calibration=self.calibration(m.calibration, cfg.calibration),
         )
         if transfer is not None:
-            calib = transfer.calibration or m.calibration or cfg.calibration
+            calib = self.calibration(transfer.calibration, m.calibration, cfg.calibration)
             entry.transfer_index = len(self.transfers)
             self.transfers.append((entry, transfer, calib))
         return entry

@@ -25,7 +25,7 @@ from mergekit_bico.methods.sparsify import (
     magnitude,
     magnitude_keys,
     select_largest,
-    select_smallest,
+    select_sorted_range,
 )
 
 T = torch.tensor
@@ -356,18 +356,41 @@ def test_topk_equals_argsort_for_distinct_magnitudes(seed):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_topk_ties_follow_stable_sort(seed):
+@pytest.mark.parametrize("n", [1000, 70_000])
+def test_topk_ties_keep_what_mergekits_sort_keeps(seed, n):
+    """Many equal magnitudes: the kept set is the one mergekit 0.1.5's calls select --
+    ``torch.argsort(|x|, descending=True)[:k]`` (TIES) and ``torch.sort(|x|).indices[a:b]``
+    (breadcrumbs) -- whose order among equal values is not the index order."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-6, 7, (1000,), generator=g).float() * 0.25  # many ties, zeros
+    x = torch.randint(-6, 7, (n,), generator=g).float() * 0.25  # many ties, zeros
     w = x.abs()
     keys = magnitude_keys(x)
-    for k in (0, 1, 7, 100, 333, 500, 999, 1000):
-        ref = torch.zeros(1000, dtype=torch.bool)
-        ref[torch.sort(w, descending=True, stable=True).indices[:k]] = True
-        assert torch.equal(select_largest(keys, k), ref)
-        ref = torch.zeros(1000, dtype=torch.bool)
-        ref[torch.sort(w, stable=True).indices[:k]] = True
-        assert torch.equal(select_smallest(keys, k), ref)
+    for k in (0, 1, 7, n // 10, n // 3, n // 2, n - 1, n):
+        ref = torch.zeros(n, dtype=torch.bool)
+        ref[torch.argsort(w, descending=True)[:k]] = True
+        assert torch.equal(select_largest(keys, k), ref), k
+    order = torch.sort(w).indices
+    for a, b in ((0, n // 2), (n // 10, n // 2), (n // 3, n), (0, n), (5, 5)):
+        ref = torch.zeros(n, dtype=torch.bool)
+        ref[order[a:b]] = True
+        assert torch.equal(select_sorted_range(keys, a, b), ref), (a, b)
+    if n > 10_000:  # the case that needs the sort: it differs from the lowest-index choice
+        stable = torch.zeros(n, dtype=torch.bool)
+        stable[torch.sort(w, descending=True, stable=True).indices[: n // 3]] = True
+        assert not torch.equal(select_largest(keys, n // 3), stable)
+
+
+def test_clean_cuts_need_no_sort(monkeypatch):
+    """Distinct magnitudes at the cut: radix select alone (the sort is never called)."""
+    from mergekit_bico.methods import sparsify
+
+    monkeypatch.setattr(sparsify, "_sorted_positions", lambda *a, **k: pytest.fail("sorted"))
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    keys = magnitude_keys(x)
+    ref = torch.zeros(10_000, dtype=torch.bool)
+    ref[torch.topk(x.abs(), 123).indices] = True
+    assert torch.equal(select_largest(keys, 123), ref)
+    assert int(select_sorted_range(keys, 100, 9000).sum()) == 8900
 
 
 def test_kth_smallest_key_matches_kthvalue_and_handles_specials():

@@ -8,6 +8,7 @@ and the results are checked against plain torch computed from the input weights.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -111,21 +112,64 @@ def test_ties_in_three_sliced_passes(llama_family, sliced, tmp_path):
     assert_close(weights(out), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("density", [0.1, 0.5, 0.93])
-def test_sliced_threshold_keeps_what_the_whole_tensor_keeps(density):
-    """Heavy ties at the threshold (integer values): the sliced selection equals the whole one."""
-    gen = torch.Generator().manual_seed(0)
-    delta = torch.randint(-6, 7, (5003,), generator=gen).float()
-    whole = magnitude(delta.clone(), density)
+def _sliced_threshold(delta: torch.Tensor, density: float, step: int = 701) -> tuple[MagnitudeThreshold, list]:
     numel, k = delta.numel(), max(1, int(density * delta.numel()))
-    slices = [delta[a:a + 701].clone() for a in range(0, numel, 701)]
+    slices = [delta[a:a + step].clone() for a in range(0, numel, step)]
     high = sum(MagnitudeThreshold.high_histogram(magnitude_keys(s)) for s in slices)
     digit, below = MagnitudeThreshold.pick_digit(high, numel, k)
     low = sum(MagnitudeThreshold.low_histogram(magnitude_keys(s), digit) for s in slices)
-    threshold = MagnitudeThreshold.from_histograms(low, digit, below, numel, k)
+    return MagnitudeThreshold.from_histograms(low, digit, below, numel, k), slices
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.93])
+def test_sliced_threshold_keeps_what_the_whole_tensor_keeps(density):
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(5003, generator=gen)
+    threshold, slices = _sliced_threshold(delta, density)
+    assert not threshold.ambiguous
     got = torch.cat([threshold.apply(s) for s in slices])
-    assert torch.equal(got, whole)
-    assert int((got != 0).sum()) == int((whole != 0).sum()) <= k
+    assert torch.equal(got, magnitude(delta.clone(), density))
+
+
+def test_sliced_threshold_inside_a_tie_is_ambiguous():
+    """Equal magnitudes across the cut: only the whole tensor's sort can say which are kept."""
+    delta = torch.randint(-6, 7, (5003,), generator=torch.Generator().manual_seed(0)).float()
+    threshold, slices = _sliced_threshold(delta, 0.5)
+    assert threshold.ambiguous
+    with pytest.raises(ValueError, match="ambiguous"):
+        threshold.apply(slices[0])
+
+
+def test_ties_with_tied_magnitudes_merges_that_tensor_whole(llama_family, sliced, tmp_path, monkeypatch):
+    """A delta with many equal magnitudes: the sliced path falls back to the whole tensor and the
+    result keeps what torch.argsort keeps (mergekit's choice)."""
+    from safetensors.torch import save_file
+
+    f = llama_family
+    tied = tmp_path / "tied"
+    shutil.copytree(f["ft1"], tied)
+    b = weights(f["base"])
+    name = "model.embed_tokens.weight"   # 4096 elements > CHUNK_ELEMENTS (1000)
+    steps = torch.randint(-3, 4, b[name].shape, generator=torch.Generator().manual_seed(5)).float()
+    new = weights(tied)
+    new[name] = b[name] + 0.01 * steps
+    for shard in tied.glob("*.safetensors"):
+        shard.unlink()
+    save_file(new, str(tied / "model.safetensors"))
+    (tied / "model.safetensors.index.json").unlink(missing_ok=True)
+    whole = []
+    original = executor._whole_unit
+    monkeypatch.setattr(executor, "_whole_unit", lambda job, *a: (whole.append(job.name), original(job, *a))[1])
+    config = {"merge_method": "ties", "base_model": str(f["base"]),
+              "models": [{"model": str(tied), "parameters": {"weight": 1.0, "density": 0.4}}], "dtype": "float32"}
+    result, out = run_yaml(tmp_path, config)
+    assert result.exit_code == 0, result.output
+    assert name in whole
+    d = (new[name] - b[name]).reshape(-1)
+    keep = torch.zeros(d.numel(), dtype=torch.bool)
+    keep[torch.argsort(d.abs(), descending=True)[: int(0.4 * d.numel())]] = True
+    expected = b[name] + (d * keep).reshape(b[name].shape)
+    assert torch.equal(weights(out)[name], expected)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ result is a :class:`CalibrationError` naming the loss and the batch.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -78,7 +80,17 @@ def import_user_loss(spec: str) -> Callable[[torch.nn.Module, dict], torch.Tenso
     """Import ``package.module:function``; CalibrationError naming it if that fails."""
     module_name, _, func_name = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            # like `python -m`: a module in the working directory is found too (console scripts
+            # do not put it on sys.path); appended, so it never shadows an installed package
+            cwd = os.getcwd()
+            parents = {".".join(module_name.split(".")[: i + 1]) for i in range(module_name.count(".") + 1)}
+            if err.name not in parents or cwd in sys.path:
+                raise
+            sys.path.append(cwd)
+            module = importlib.import_module(module_name)
     except Exception as err:  # ImportError, or any error raised while importing the module
         raise CalibrationError(f"calibration loss '{spec}': cannot import module '{module_name}' ({type(err).__name__}: {err})") from None
     func = getattr(module, func_name, None)

@@ -33,7 +33,7 @@ Rescaling (parameter ``rescale`` of the task-arithmetic family)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -42,7 +42,7 @@ __all__ = [
     "coerce_rescale",
     "kth_smallest_key",
     "select_largest",
-    "select_smallest",
+    "select_sorted_range",
     "magnitude_keys",
     "magnitude",
     "magnitude_outliers",
@@ -127,60 +127,70 @@ def kth_smallest_key(keys: torch.Tensor, k: int) -> int:
     return _kth_smallest(keys, k)[0]
 
 
-def _take_ties(mask: torch.Tensor, keys: torch.Tensor, key: int, missing: int) -> torch.Tensor:
-    """Add the ``missing`` lowest-index elements equal to ``key`` to ``mask``."""
-    ties = torch.nonzero(keys == key).reshape(-1)[:missing]
-    mask[ties] = True
+def _sorted_positions(keys: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """Bool mask of the elements at sorted positions ``start:stop`` of ``|x|``, sorted exactly as
+    mergekit 0.1.5 sorts (``torch.sort`` of the float32 magnitudes, whose order among equal
+    values is unspecified but deterministic). Only used where such ties decide the kept set."""
+    order = torch.sort(keys.view(torch.float32), descending=descending).indices
+    mask = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+    mask[order[start:stop]] = True
     return mask
 
 
+def _clean_cut(keys: torch.Tensor, k: int) -> Optional[int]:
+    """The k-th smallest key when exactly k keys are <= it (a cut after the k smallest needs no
+    tie-breaking), else None. k in [1, n]."""
+    key, _less, less_eq = _kth_smallest(keys, k)
+    return key if less_eq == k else None
+
+
 def select_largest(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest keys; ties broken towards lower indices.
-
-    Same set as ``torch.sort(keys, descending=True, stable=True).indices[:k]``.
-    """
+    """Bool mask of the k largest keys: the set ``torch.argsort(|x|, descending=True)[:k]`` keeps
+    (mergekit's TIES), in O(n) by radix select; only when the k-th largest magnitude is tied across
+    the cut does it run that sort, so that the same tied elements are kept."""
     n = keys.numel()
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=keys.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=keys.device)
-    key, _less, less_eq = _kth_smallest(keys, n - k + 1)
-    missing = k - (n - less_eq)  # slots left for elements equal to key (>= 1)
-    if missing == less_eq - _less:  # every tied element fits: no tie-breaking
-        return keys >= key
-    return _take_ties(keys > key, keys, key, missing)
+    key = _clean_cut(keys, n - k)
+    if key is not None:
+        return keys > key
+    return _sorted_positions(keys, 0, k, descending=True)
 
 
-def select_smallest(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k smallest keys; ties broken towards lower indices.
-
-    Same set as ``torch.sort(keys, stable=True).indices[:k]``.
-    """
+def select_sorted_range(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Bool mask of ascending sorted positions ``start:stop`` (mergekit's
+    ``torch.sort(|x|).indices[start:stop]``), by radix select unless a cut falls inside a tie."""
     n = keys.numel()
-    if k <= 0:
+    start, stop = max(0, start), min(n, stop)
+    if stop <= start:
         return torch.zeros(n, dtype=torch.bool, device=keys.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=keys.device)
-    key, less, less_eq = _kth_smallest(keys, k)
-    missing = k - less
-    if missing == less_eq - less:
-        return keys <= key
-    return _take_ties(keys < key, keys, key, missing)
+    lower = None if start == 0 else _clean_cut(keys, start)
+    upper = None if stop == n else _clean_cut(keys, stop)
+    if (start > 0 and lower is None) or (stop < n and upper is None):
+        return _sorted_positions(keys, start, stop, descending=False)
+    mask = torch.ones(n, dtype=torch.bool, device=keys.device)
+    if lower is not None:
+        mask &= keys > lower
+    if upper is not None:
+        mask &= keys <= upper
+    return mask
 
 
 class MagnitudeThreshold:
     """Top-k magnitude pruning of a tensor processed in consecutive flat slices.
 
-    Built from the whole tensor's key histograms (:meth:`from_histograms`), then
-    :meth:`apply` is called on the slices in order; keeps exactly the set
-    :func:`magnitude` keeps for the whole tensor (ties at the threshold go to
-    the lowest flat indices).
+    Built from the whole tensor's key histograms (:meth:`from_histograms`); when the cut is clean
+    (no tie at the k-th magnitude across it, ``ambiguous`` False), :meth:`apply` on the slices keeps
+    exactly the set :func:`magnitude` keeps for the whole tensor. An ambiguous cut needs the whole
+    tensor's sort (see :func:`select_largest`): the caller then merges the tensor whole.
     """
 
-    __slots__ = ("key", "ties_left", "all_ties")
+    __slots__ = ("key", "ambiguous")
 
-    def __init__(self, key: int, ties_left: int, all_ties: bool) -> None:
-        self.key, self.ties_left, self.all_ties = key, ties_left, all_ties
+    def __init__(self, key: int, ambiguous: bool = False) -> None:
+        self.key, self.ambiguous = key, ambiguous
 
     @staticmethod
     def high_histogram(keys: torch.Tensor) -> torch.Tensor:
@@ -188,10 +198,9 @@ class MagnitudeThreshold:
 
     @staticmethod
     def pick_digit(high_hist: torch.Tensor, numel: int, k: int) -> tuple[int, int]:
-        """(high digit of the (numel-k+1)-th smallest key, number of keys below that digit)."""
-        target = numel - k + 1
+        """(high digit of the (numel-k)-th smallest key, number of keys below that digit)."""
         counts = high_hist.cumsum(0)
-        digit = int(torch.searchsorted(counts, torch.tensor(target)))
+        digit = int(torch.searchsorted(counts, torch.tensor(numel - k)))
         return digit, int(counts[digit - 1]) if digit > 0 else 0
 
     @staticmethod
@@ -201,26 +210,22 @@ class MagnitudeThreshold:
 
     @classmethod
     def from_histograms(cls, low_hist: torch.Tensor, digit: int, below: int, numel: int, k: int) -> "MagnitudeThreshold":
-        target = numel - k + 1
+        """Keep the k largest of ``numel`` keys (1 <= k < numel): keys above the (numel-k)-th smallest."""
         counts = low_hist.cumsum(0)
-        low_digit = int(torch.searchsorted(counts, torch.tensor(target - below)))
-        less = below + (int(counts[low_digit - 1]) if low_digit > 0 else 0)
+        low_digit = int(torch.searchsorted(counts, torch.tensor(numel - k - below)))
         less_eq = below + int(counts[low_digit])
-        missing = k - (numel - less_eq)
-        return cls((digit << 16) | low_digit, missing, missing == less_eq - less)
+        return cls((digit << 16) | low_digit, ambiguous=less_eq != numel - k)
+
+    @classmethod
+    def drop_all(cls) -> "MagnitudeThreshold":
+        """Keeps nothing (density 0): every key is <= the largest int32."""
+        return cls(0x7FFFFFFF)
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
         """Zero the dropped entries of this slice of the delta, in place."""
-        keys = magnitude_keys(delta)
-        if self.all_ties:
-            mask = keys >= self.key
-        else:
-            mask = keys > self.key
-            if self.ties_left > 0:
-                ties = torch.nonzero(keys == self.key).reshape(-1)[: self.ties_left]
-                mask[ties] = True
-                self.ties_left -= ties.numel()
-        return delta.mul_(mask.reshape(delta.shape))
+        if self.ambiguous:
+            raise ValueError("an ambiguous top-k cut cannot be applied slice by slice")
+        return delta.mul_((magnitude_keys(delta) > self.key).reshape(delta.shape))
 
 
 # ------------------------------------------------------------------------- rescale
@@ -299,8 +304,7 @@ def magnitude_outliers(
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    keys = magnitude_keys(tensor)
-    mask = select_smallest(keys, n_bot + target) & ~select_smallest(keys, n_bot)
+    mask = select_sorted_range(magnitude_keys(tensor), n_bot, n_bot + target)
     return _apply_mask(tensor, mask.reshape(tensor.shape).to(tensor.dtype), rescale, density)
 
 
