@@ -98,6 +98,8 @@ def load_model(path: str | Path, cfg: CalibrationConfig, *, device: str = "cpu")
         import transformers
     except ImportError:  # pragma: no cover - a dependency
         raise CalibrationError("calibration needs the transformers package: pip install transformers") from None
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # our own bars report the calibration's progress
     try:
         try:
             model, info = cls.from_pretrained(
@@ -111,6 +113,9 @@ def load_model(path: str | Path, cfg: CalibrationConfig, *, device: str = "cpu")
         raise
     except Exception as err:  # transformers raises many types (OSError, ValueError, KeyError, ...)
         raise CalibrationError(f"cannot load model '{p}' as {cls.__name__} for calibration: {one_line(err)}") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     missing = list(info.get("missing_keys") or []) if isinstance(info, dict) else []
     if missing:
         shown = ", ".join(sorted(missing)[:5]) + (" ..." if len(missing) > 5 else "")

@@ -56,25 +56,26 @@ def polar(m: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
+def _complement(basis: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (d, d - r) of the orthogonal complement of the orthonormal columns of
+    ``basis`` (d, r), from one Householder QR (no SVD)."""
+    d, r = basis.shape
+    if r == 0:
+        return torch.eye(d, dtype=basis.dtype, device=basis.device)
+    q, _ = torch.linalg.qr(basis, mode="complete")
+    return q[:, r:]
+
+
 def _complete(c: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, rank: int) -> torch.Tensor:
     """R = U_r V_r^T + N_A W N_B^T with N the orthonormal complements of the informative singular
-    vectors and W the polar factor of N_A^T I N_B (closest-to-identity completion)."""
+    vectors and W the polar factor of N_A^T I N_B (closest-to-identity completion; independent of
+    which orthonormal bases of the complements are used)."""
     d_a, d_b = c.shape
-    k = min(d_a, d_b)
-    u_full, _, vh_full = torch.linalg.svd(c, full_matrices=True)
-    # the informative part from the thin SVD (same as the full one up to sign conventions)
     ur, vr = u[:, :rank], vh[:rank, :].T
-    # orthonormal complements: project the full bases away from the informative part and re-orthonormalise
-    n_a = u_full[:, rank:]
-    n_a = n_a - ur @ (ur.T @ n_a)
-    n_a, _ = torch.linalg.qr(n_a)
-    n_b = vh_full[rank:, :].T
-    n_b = n_b - vr @ (vr.T @ n_b)
-    n_b, _ = torch.linalg.qr(n_b)
     r = ur @ vr.T
-    if k > rank:
-        eye = torch.eye(d_a, d_b, dtype=c.dtype, device=c.device)
-        w = n_a.T @ eye @ n_b                       # (d_a - rank) x (d_b - rank)
+    if min(d_a, d_b) > rank:
+        n_a, n_b = _complement(ur), _complement(vr)
+        w = n_a.T[:, :d_b] @ n_b[:d_a, :]            # N_A^T I_{d_a x d_b} N_B
         if float(w.abs().max()) == 0.0:             # identity prior says nothing either: any completion
             w = torch.eye(*w.shape, dtype=c.dtype, device=c.device)
         r = r + n_a @ polar(w) @ n_b.T
