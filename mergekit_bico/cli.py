@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import click
 
 from mergekit_bico import __version__
-from mergekit_bico.errors import ConfigError, MergeKitBicoError, OutputError
+from mergekit_bico.errors import ConfigError, MergeKitBicoError
 
 # torch's CPU allocator backs allocations >= 2 MiB with transparent huge pages when this is set
 # (read once, at torch's first allocation, hence here, before anything imports torch). Every
@@ -107,7 +107,7 @@ def merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--write-model-card/--no-write-model-card", default=True, show_default=True, help="Write README.md with the config."),
         click.option("--random-seed", type=int, default=0, show_default=True, help="Seed for DARE masks (mixed with each tensor's name)."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Calibration statistics cache (default: .mergekit_bico_cache beside OUT)."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow model code from model folders during calibration."),
+        click.option("--trust-remote-code", is_flag=True, help="Accepted for mergekit compatibility; it allows nothing: code from a model folder runs only where the config's calibration block says trust_remote_code: true."),
         click.option("--nan-policy", type=click.Choice(["error", "warn", "ignore"]), default="error", show_default=True, help="What to do with NaN/Inf in an input tensor."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars or info messages."),
         click.option("--verbose", "-v", is_flag=True, help="Debug logging."),

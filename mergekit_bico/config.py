@@ -73,6 +73,7 @@ class TransferConfig(StrictModel):
     statistics: Literal["base", "finetuned"] = "base"
     output_space: Literal["gradients", "activations", "combined"] = "gradients"
     layer_map: Union[Literal["index", "similarity"], list[Optional[int]]] = "index"
+    scale: Literal["none", "norms"] = "none"
     memory_budget: Optional[Union[str, int]] = None
     calibration: Optional[CalibrationConfig] = None
 
@@ -230,14 +231,42 @@ def _format_validation_error(err: ValidationError, data: Any, source: str) -> st
     return f"{source}: invalid value at {_location(loc, data)}: {msg}"
 
 
+def _parameter_blocks(config: MergeConfig) -> list[tuple[str, Optional[Parameters]]]:
+    """Every ``parameters:`` block of ``config`` with its location, e.g. ``models[1].parameters``."""
+    blocks: list[tuple[str, Optional[Parameters]]] = [("parameters", config.parameters)]
+    for i, m in enumerate(config.models or []):
+        blocks.append((f"models[{i}].parameters (model '{m.model}')", m.parameters))
+    for i, s in enumerate(config.slices or []):
+        blocks.append((f"slices[{i}].parameters", s.parameters))
+        for j, src in enumerate(s.sources):
+            blocks.append((f"slices[{i}].sources[{j}].parameters (model '{src.model}')", src.parameters))
+    return blocks
+
+
+def _check_parameter_values(config: MergeConfig, source: str) -> None:
+    """Refuse empty lists (a gradient or a list of conditions with no element): mergekit would
+    silently fall through to another level or the default; here it is an error."""
+    for where, params in _parameter_blocks(config):
+        for name, setting in (params or {}).items():
+            items = setting if isinstance(setting, list) else [setting]
+            values = [c.value if isinstance(c, ConditionalParameter) else c for c in items]
+            if not items or any(isinstance(v, list) and not v for v in values):
+                raise ConfigError(
+                    f"{source}: invalid value at {where.replace('parameters', f'parameters.{name}', 1)}: "
+                    "an empty list is not a parameter value (give a scalar or a gradient of at least one value)"
+                )
+
+
 def parse_config(data: Any, source: str = "config") -> MergeConfig:
     """Validate an already-parsed YAML document; ConfigError names ``source`` and the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys (merge_method, models, ...)")
     try:
-        return MergeConfig.model_validate(data)
+        config = MergeConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, data, source)) from None
+    _check_parameter_values(config, source)
+    return config
 
 
 def load_config_text(text: str, source: str = "config") -> MergeConfig:
@@ -248,6 +277,8 @@ def load_config_text(text: str, source: str = "config") -> MergeConfig:
         mark = getattr(err, "problem_mark", None)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        if isinstance(err, yaml.constructor.ConstructorError):  # e.g. !!python/object: never built
+            raise ConfigError(f"{source}: unsupported YAML tag{where}: {problem} (only plain YAML values are read)") from None
         raise ConfigError(f"{source}: YAML syntax error{where}: {problem}") from None
     return parse_config(data, source)
 

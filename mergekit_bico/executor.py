@@ -25,7 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from mergekit_bico.config import MergeConfig
-from mergekit_bico.errors import ConfigError, TensorMismatchError
+from mergekit_bico.errors import TensorMismatchError
 from mergekit_bico.io.writer import ShardedWriter, StreamingShardedWriter, atomic_output_dir, copy_support_files
 from mergekit_bico.methods.registry import make_generator
 from mergekit_bico.plan import Job, Plan, layer_of
@@ -349,7 +349,7 @@ def run_plan(
         tok_src = None
         if plan.config.tokenizer_source not in (None, "base"):
             from mergekit_bico.plan import resolve_model_path
-            tok_src = Path(resolve_model_path(plan.config.tokenizer_source, None))
+            tok_src = Path(resolve_model_path(plan.config.tokenizer_source, plan.config_dir))
         copy_support_files(Path(ref), tmp, tokenizer_source=tok_src if options.copy_tokenizer else None)
         if not options.copy_tokenizer:
             for f in tmp.iterdir():

@@ -30,8 +30,8 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float, convert: Callable
     """
     if isinstance(setting, ConditionalParameter):
         setting = [setting]
-    if isinstance(setting, dict) and "value" in setting:
-        setting = [ConditionalParameter.model_validate(setting)]
+    if isinstance(setting, dict):
+        setting = [_condition(setting)]
     if isinstance(setting, (bool, int, float, str)):
         return convert(setting)
     if isinstance(setting, list):
@@ -49,11 +49,54 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float, convert: Callable
             return convert((1 - frac) * values[i0] + frac * values[i1])
         for cond in setting:
             if not isinstance(cond, ConditionalParameter):
-                cond = ConditionalParameter.model_validate(cond)
+                cond = _condition(cond)
             if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
                 return evaluate_setting(cond.value, tensor_name, t, convert)
         return _NOT_SET
     raise ConfigError(f"unexpected parameter setting {setting!r}")
+
+
+def _condition(raw: Any) -> ConditionalParameter:
+    """A ``{filter, value}`` mapping given as a plain dict (library callers); ConfigError when malformed."""
+    from pydantic import ValidationError
+
+    try:
+        return ConditionalParameter.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "condition"
+        raise ConfigError(f"invalid parameter condition {raw!r}: {where}: {first['msg']}") from None
+
+
+def gradient_lengths(setting: Any) -> list[int]:
+    """Lengths of every gradient (list of scalars) in one setting, conditions' values included."""
+    if isinstance(setting, ConditionalParameter):
+        return gradient_lengths(setting.value)
+    if isinstance(setting, list):
+        if setting and all(isinstance(e, (bool, int, float, str)) for e in setting):
+            return [len(setting)]
+        return [n for e in setting for n in gradient_lengths(e)]
+    if isinstance(setting, dict) and "value" in setting:
+        return gradient_lengths(setting["value"])
+    return []
+
+
+def check_gradients(params: Optional[Mapping[str, Any]], *, layers: int, where: str, span: str) -> None:
+    """ConfigError for a gradient with more values than ``layers`` (the layers it is spread over).
+
+    A gradient of ``n`` values is sampled at ``t = i / (layers - 1)``; with more values than layers
+    some of them fall between samples and are never used, which is a mistake in the config (the
+    list was written for another model or slice). ``span`` names what has ``layers`` layers.
+    """
+    cap = max(1, layers)
+    for name, setting in (params or {}).items():
+        for n in gradient_lengths(setting):
+            if n > cap:
+                raise ConfigError(
+                    f"parameter '{name}' in {where} is a gradient of {n} values but {span} has {layers} "
+                    f"layer{'s' if layers != 1 else ''}; give at most {cap} value{'s' if cap != 1 else ''} "
+                    "(one per layer) or a scalar"
+                )
 
 
 def resolve(

@@ -16,11 +16,11 @@ from typing import Any, Optional
 import torch
 
 from mergekit_bico.config import CalibrationConfig, MergeConfig, TransferConfig
-from mergekit_bico.errors import ConfigError, ModelLoadError, TensorMismatchError
+from mergekit_bico.errors import ConfigError, TensorMismatchError
 from mergekit_bico.io.loader import LazyModel
 from mergekit_bico.methods import get_method
 from mergekit_bico.methods.registry import MergeMethod, ParamSpec
-from mergekit_bico.params import check_known, finite, is_set, resolve
+from mergekit_bico.params import check_gradients, check_known, finite, is_set, resolve
 
 LAYER_RE = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|layer|blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$")
 PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "embeddings.")
@@ -266,9 +266,26 @@ class Planner:
             tok = Path(self.path(self.config.tokenizer_source))
             if not tok.is_dir():
                 raise ConfigError(f"tokenizer_source '{self.config.tokenizer_source}' is not a model folder")
-        if self.config.slices:
-            return self._plan_slices()
-        return self._plan_models()
+            from mergekit_bico.io.writer import TOKENIZER_FILES
+
+            if not any((tok / name).is_file() for name in TOKENIZER_FILES):
+                raise ConfigError(
+                    f"tokenizer_source '{self.config.tokenizer_source}' has no tokenizer files "
+                    f"(none of {', '.join(TOKENIZER_FILES[:3])}, ...)"
+                )
+        plan = self._plan_slices() if self.config.slices else self._plan_models()
+        self._check_support_files(plan)
+        return plan
+
+    def _check_support_files(self, plan: "Plan") -> None:
+        """The config / tokenizer files the executor will copy are checked now, not after the merge."""
+        from mergekit_bico.io.writer import support_files
+
+        ref = plan.base_path or (plan.entries[0].path if plan.entries else None)
+        if ref is None:
+            return
+        tok = self.config.tokenizer_source
+        support_files(Path(ref), tokenizer_source=Path(self.path(tok)) if tok not in (None, "base") else None)
 
     def _base_role_check(self, base_path: Optional[str]) -> None:
         if self.method.base == "required" and base_path is None:
@@ -297,6 +314,10 @@ class Planner:
         ref_path = base_path or entries[0].path
         ref = self.models[ref_path]
         n_layers = num_layers(ref)
+        span = f"model '{ref_path}'"
+        check_gradients(cfg.parameters, layers=n_layers, where="global parameters", span=span)
+        for e in all_entries:
+            check_gradients(e.levels[0], layers=n_layers, where=e.label, span=span)
         jobs: list[Job] = []
         for name in ref.keys():
             parts = layer_of(name)
@@ -351,6 +372,9 @@ class Planner:
                 )
             base = InputRef(model=base_path, tensor=in_name)
         seed = self.random_seed if self.method.uses_rng else None
+        global_params = self._global_params(global_levels, out_name, t)
+        # the method's own cross-parameter checks (e.g. weights summing to 0), now rather than mid-merge
+        self.method.resolve(params, global_params, tensor_name=out_name)
         return Job(
             name=out_name,
             shape=tuple(shape),
@@ -358,7 +382,7 @@ class Planner:
             inputs=inputs,
             base=base,
             model_params=params,
-            global_params=self._global_params(global_levels, out_name, t),
+            global_params=global_params,
             entries=entry_ids,
             out_dtype=self.out_dtype,
             seed=seed,
@@ -379,6 +403,12 @@ class Planner:
             lengths = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
             if len(lengths) != 1:
                 raise ConfigError(f"slices[{i}]: all sources must span the same number of layers, got {sorted(lengths)}")
+            (length,) = lengths
+            span = f"slices[{i}]"
+            check_gradients(cfg.parameters, layers=length, where="global parameters", span=span)
+            check_gradients(s.parameters, layers=length, where=f"slices[{i}]", span=span)
+            for j, src in enumerate(s.sources):
+                check_gradients(src.parameters, layers=length, where=f"slices[{i}].sources[{j}] ('{src.model}')", span=span)
         jobs: list[Job] = []
         entries: list[ModelEntry] = []
         out_layer = 0

@@ -71,6 +71,23 @@ def tokenizer_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _refuse_model_code(path: Path, model_config: Mapping[str, Any], cfg: CalibrationConfig) -> None:
+    """CalibrationError when loading ``path`` would run Python code shipped in the model folder
+    (``auto_map`` for a ``model_type`` transformers does not know) and the config does not allow it."""
+    if cfg.trust_remote_code or not model_config.get("auto_map"):
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = model_config.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES:
+        return  # transformers' own class is used; the folder's code is not run
+    raise CalibrationError(
+        f"model '{path}' needs Python code from its own folder (config.json auto_map, model_type "
+        f"{model_type!r} is not built into transformers); it is not run unless the calibration block "
+        "says trust_remote_code: true"
+    )
+
+
 def _model_class(kind: str, model_config: Mapping[str, Any]):
     import transformers
 
@@ -98,6 +115,7 @@ def load_model(path: str | Path, cfg: CalibrationConfig, *, device: str = "cpu")
         import transformers
     except ImportError:  # pragma: no cover - a dependency
         raise CalibrationError("calibration needs the transformers package: pip install transformers") from None
+    _refuse_model_code(p, model_config, cfg)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # our own bars report the calibration's progress
     try:

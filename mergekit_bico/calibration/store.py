@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -221,7 +222,8 @@ class StatsStore:
         data = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=str(path.parent))
+            _remove_stale_temps(path.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.{os.getpid()}.", suffix=".tmp", dir=str(path.parent))
             os.close(fd)
         except OSError as err:
             raise CalibrationError(f"cannot write statistics cache '{self.cache_dir}': {err.strerror or err}") from None
@@ -244,6 +246,31 @@ class StatsStore:
     def open(self, path: str | Path, *, model_fingerprint: Optional[str]) -> StatsFile:
         """Validate and open a stats file; refuse one recorded for another model fingerprint."""
         return StatsFile(path, model_fingerprint=model_fingerprint)
+
+
+_TEMP_RE = re.compile(r"^\.[0-9a-f]+\.(\d+)\..+\.tmp$")
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete the temp files of writers that died (SIGKILL, power loss) before their rename.
+
+    They were never under a final name, so nothing ever reads them; removing them only gives the
+    disk space back. Temp files of live processes (another run writing now) are kept.
+    """
+    from mergekit_bico.io.writer import _pid_alive
+
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m and entry.is_file(follow_symlinks=False) and not _pid_alive(int(m.group(1))):
+            try:
+                os.unlink(entry.path)
+                logger.info("removed the partial statistics file '%s' of an interrupted run", entry.path)
+            except OSError:
+                pass
 
 
 def _fsync_dir(folder: Path) -> None:

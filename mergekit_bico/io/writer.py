@@ -34,6 +34,7 @@ __all__ = [
     "check_output_dir",
     "cleanup_stale_partials",
     "copy_support_files",
+    "support_files",
     "CONFIG_FILES",
     "TOKENIZER_FILES",
 ]
@@ -725,6 +726,9 @@ def atomic_output_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         if _is_output_oserror(e, tmp):
             raise OutputError(f"cannot write output folder '{p}': {e.strerror or e}") from e  # type: ignore[union-attr]
+        if isinstance(e, OutputError) and str(tmp) in str(e):
+            # the writers name the temp folder, which is gone now: name OUT, what the user gave
+            raise OutputError(str(e).replace(str(tmp), str(p))) from e
         raise
     try:
         _commit(tmp, p, overwrite=overwrite)
@@ -768,6 +772,42 @@ def _commit(tmp: Path, out: Path, *, overwrite: bool) -> None:
 
 
 # ------------------------------------------------------------- support files
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (resolved) lies in ``folder``, or in the ``blobs/`` of the hub cache
+    ``folder`` is a snapshot of (``.../snapshots/<rev>`` links into ``.../blobs``)."""
+    real, root = path.resolve(), folder.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append((root.parent.parent / "blobs").resolve())
+    return any(real == r or r in real.parents for r in roots)
+
+
+def support_files(base_model: Path, *, tokenizer_source: Path | None = None) -> list[tuple[Path, str]]:
+    """``(source file, name in OUT)`` of the config and tokenizer files to copy.
+
+    A file that is a symlink resolving outside its model folder is refused (ModelLoadError): a
+    downloaded folder must not make the merge copy another file of this machine (``tokenizer.json
+    -> ~/.ssh/id_rsa``) into an output that may be published. The planner calls this up front.
+    """
+    base = Path(base_model)
+    tok = Path(tokenizer_source) if tokenizer_source is not None else base
+    for folder, what in ((base, "base model"), (tok, "tokenizer source")):
+        if not folder.is_dir():
+            raise ModelLoadError(f"{what} path '{folder}' does not exist or is not a directory")
+    found: list[tuple[Path, str]] = []
+    for folder, name in [(base, n) for n in CONFIG_FILES] + [(tok, n) for n in TOKENIZER_FILES]:
+        src = folder / name
+        if not src.is_file():
+            continue
+        if src.is_symlink() and not _inside(src, folder):
+            raise ModelLoadError(
+                f"model '{folder}': '{name}' is a symlink resolving outside the model folder "
+                f"(to '{src.resolve()}'); refusing to copy it"
+            )
+        found.append((src, name))
+    return found
+
+
 def copy_support_files(
     base_model: Path,
     out_dir: Path,
@@ -777,20 +817,12 @@ def copy_support_files(
     """Copy config / generation config from ``base_model`` and tokenizer files
     from ``tokenizer_source`` (default ``base_model``); return the copied names.
 
-    Only regular files are copied (symlinks are followed, e.g. in a hub cache).
+    Only regular files are copied; symlinks are followed when they stay inside the model folder
+    (or its hub cache), else refused (see :func:`support_files`).
     """
-    base = Path(base_model)
-    tok = Path(tokenizer_source) if tokenizer_source is not None else base
-    for folder, what in ((base, "base model"), (tok, "tokenizer source")):
-        if not folder.is_dir():
-            raise ModelLoadError(f"{what} path '{folder}' does not exist or is not a directory")
     out = Path(out_dir)
     copied: list[str] = []
-    plan = [(base, n) for n in CONFIG_FILES] + [(tok, n) for n in TOKENIZER_FILES]
-    for folder, name in plan:
-        src = folder / name
-        if not src.is_file():
-            continue
+    for src, name in support_files(base_model, tokenizer_source=tokenizer_source):
         try:
             fsrc = open(src, "rb")
         except OSError as e:

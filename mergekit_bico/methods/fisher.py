@@ -123,7 +123,7 @@ def _fisher_fn(tensors, base, params, *, stats):
 
 
 def _register() -> None:
-    from mergekit_bico.methods.registry import MergeMethod, ParamSpec, check_finite, register
+    from mergekit_bico.methods.registry import MergeMethod, ParamSpec, register
 
     def non_negative(v: float) -> Optional[str]:
         return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
@@ -140,7 +140,8 @@ def _register() -> None:
             summary="Fisher merging: per-parameter average weighted by each model's diagonal Fisher on its calibration data",
             base="optional",
             params=(
-                ParamSpec("weight", float, "model", default=1.0, check=check_finite, doc="model weight"),
+                ParamSpec("weight", float, "model", default=1.0, check=non_negative,
+                          doc="model weight (>= 0: it scales a precision, which cannot be negative)"),
                 ParamSpec("fisher_floor", float, "global", default=DEFAULT_FISHER_FLOOR, check=non_negative,
                           doc="added to every Fisher entry"),
                 ParamSpec("normalize", bool, "global", default=False,
@@ -152,6 +153,7 @@ def _register() -> None:
             ),
             uses_rng=False,
             fn=_fisher_fn,
+            check_params=lambda p: f"the weights {list(p['weight'])} sum to 0" if sum(p["weight"]) == 0 else None,
             needs_stats=True,
             doc=__doc__ or "",
         )

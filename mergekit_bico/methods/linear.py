@@ -51,6 +51,14 @@ def _fn(
     return linear_merge(tensors, params["weight"], params["normalize"])
 
 
+def _check_params(params: Mapping[str, Any]) -> str | None:
+    """Caught when planning, before any tensor is merged (``linear_merge`` checks again in its dtype)."""
+    if params["normalize"] and sum(params["weight"]) == 0:
+        return (f"weights {list(params['weight'])} sum to 0 with normalize: true (division by zero);"
+                " set normalize: false or change the weights")
+    return None
+
+
 register(
     MergeMethod(
         name="linear",
@@ -64,6 +72,7 @@ register(
         ),
         uses_rng=False,
         fn=_fn,
+        check_params=_check_params,
         doc=__doc__ or "",
     )
 )

@@ -222,6 +222,12 @@ class MergeMethod:
     check_entry: Callable[[Mapping[str, Any]], str | None] | None = field(
         default=None, compare=False
     )
+    # Check of one output tensor's whole resolved parameter set (model-scope values as
+    # tuples, as ``fn`` gets them), e.g. weights that sum to zero; returns an error text or None.
+    # The planner runs it for every output tensor before anything is merged.
+    check_params: Callable[[Mapping[str, Any]], str | None] | None = field(
+        default=None, compare=False
+    )
     # The most inputs (besides a required base) the method takes, if limited.
     max_inputs: int | None = None
     # Methods that need per-input statistics (e.g. Fisher) get ``stats=`` from the
@@ -327,6 +333,11 @@ class MergeMethod:
                 problem = self.check_entry(entry)
                 if problem:
                     raise ConfigError(f"{self.name}: {problem} for input {index}{on}")
+        if self.check_params is not None:
+            problem = self.check_params(out)
+            if problem:
+                where = f" (tensor '{tensor_name}')" if tensor_name else ""
+                raise ConfigError(f"{self.name}: {problem}{where}")
         return out
 
     # ------------------------------------------------------------------- merge
