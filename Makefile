@@ -9,7 +9,7 @@ STAMP_TEST  := $(VENV)/.stamp-test
 STAMP_DEMO  := $(VENV)/.stamp-demo
 STAMP_BENCH := $(VENV)/.stamp-bench
 
-.PHONY: test demo bench setup clean help
+.PHONY: test demo bench setup clean help wordnet
 
 help:
 	@echo "make demo   - set up .venv and run the main job (BiCo transfer on real models)"
@@ -43,10 +43,25 @@ test: $(STAMP_DEMO)
 demo: $(STAMP_DEMO)
 	$(PY) -m benchmarks.demo
 
-bench: $(STAMP_BENCH)
+# WordNet noun/verb/adjective data (Debian wordnet-base) for the benchmark's WordNet task and the
+# "new version" models: installed when we may, else unpacked under .cache/wordnet (no root needed).
+wordnet:
+	@if [ -f /usr/share/wordnet/data.noun ] || [ -f .cache/wordnet/usr/share/wordnet/data.noun ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
+	  (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wordnet-base >/dev/null); \
+	else \
+	  mkdir -p .cache/wordnet && cd .cache/wordnet && apt-get download wordnet-base && dpkg -x wordnet-base_*.deb .; \
+	fi
+
+bench: $(STAMP_BENCH) wordnet
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 	$(PY) -m benchmarks.merge_speed
+	$(PY) -m benchmarks.fisher_cost
+	$(PY) -m benchmarks.bico_cost
+	$(PY) -m benchmarks.load
 	$(PY) -m benchmarks.transfer
+	$(PY) -m benchmarks.readme_tables
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -98,13 +98,15 @@ def cached_accuracy(model_dir: Path, task: str = TASK, split: str = "test") -> f
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--fresh", action="store_true", help="drop the merged models and their statistics cache first")
+    parser.add_argument("--record", action="store_true",
+                        help="also write the table to benchmarks/results/demo.md (the README shows that file)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for fine-tuning and evaluation (default: torch's, one per core)")
     args = parser.parse_args(argv)
 
     import torch
 
-    from benchmarks.realmodels import data, finetune as ft, zeroshot as zs
+    from benchmarks.realmodels import data, finetune as ft
     from mergekit_bico.errors import MergeKitBicoError
 
     if args.threads:
@@ -193,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         "configs": {k: str(v.relative_to(REPO_ROOT)) for k, v in CONFIGS.items()},
         "transfer_reports": [str(p.relative_to(REPO_ROOT)) for p in sorted(outs["BiCo transfer"].glob("transfer_report_*.json"))],
     }
-    (DEMO_DIR / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    from benchmarks.common import command_line, save
+
+    table = "\n".join(lines)
+    for folder in [DEMO_DIR] + ([REPO_ROOT / "benchmarks" / "results"] if args.record else []):
+        save("demo", "make demo", "make demo" if os.environ.get("MAKELEVEL") else command_line("benchmarks.demo", argv),
+             table, report, results=folder)
     return 0
 
 

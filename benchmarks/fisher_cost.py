@@ -23,7 +23,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -107,7 +106,59 @@ def measure(mode: str, model_dir: Path, data: Path, *, seq_len: int, batch_size:
     return {"seconds": seconds, "peak_rss_mib": _peak_rss_mib()}
 
 
+def _variant(model_dir: Path, out: Path, seed: int) -> Path:
+    """A "fine-tune": the model plus seeded Gaussian noise (std 0.01), saved like the model."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    gen = torch.Generator().manual_seed(seed)
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors = load_file(str(shard))
+        save_file({k: (v + 0.01 * torch.randn(v.shape, generator=gen)).contiguous() if v.is_floating_point() else v
+                   for k, v in tensors.items()}, str(shard), metadata={"format": "pt"})
+    return out
+
+
+def _merge_rows(tmp: Path, model_dir: Path, data: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Fisher merge vs linear merge of the same two models through the CLI (statistics precomputed
+    by ``mergekit-bico calibrate``, so the rows time the merges alone)."""
+    import yaml
+
+    from benchmarks.common import child
+
+    fts = [_variant(model_dir, tmp / f"ft{k}", seed=k) for k in (1, 2)]
+    calib = {"data": str(data), "samples": args.samples, "max_length": args.seq_len, "batch_size": args.batch_size}
+    configs = {
+        "linear": {"merge_method": "linear", "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in fts],
+                   "dtype": "float32"},
+        "fisher": {"merge_method": "fisher", "models": [{"model": str(f), "calibration": calib} for f in fts],
+                   "parameters": {"fisher_floor": 1e-6, "normalize": True}, "dtype": "float32"},
+    }
+    cache = tmp / "cache"
+    bin_dir = Path(sys.executable).parent
+    out: dict[str, dict] = {}
+    for name, cfg in configs.items():
+        path = tmp / f"{name}.yml"
+        path.write_text(yaml.safe_dump(cfg))
+        if name == "fisher":
+            pre = child([str(bin_dir / "mergekit-bico"), "calibrate", str(path), "--cache-dir", str(cache), "-q"])
+            if pre["rc"] != 0:
+                raise SystemExit(f"calibrate failed: {pre['output'][-500:]}")
+            out["fisher_calibrate"] = pre
+        res = child([str(bin_dir / "mergekit-bico-yaml"), str(path), str(tmp / f"out-{name}"), "-q",
+                     "--cache-dir", str(cache)])
+        if res["rc"] != 0:
+            raise SystemExit(f"{name} merge failed: {res['output'][-500:]}")
+        out[name] = res
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
+    from benchmarks.common import child, command_line, last_json, save
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -139,11 +190,9 @@ def main(argv: list[str] | None = None) -> None:
                    "--data", str(data), "--layers", str(args.layers), "--seq-len", str(args.seq_len),
                    "--samples", str(args.samples), "--batch-size", str(args.batch_size),
                    "--threads", str(args.threads), "--lm-samples", str(args.lm_samples)]
-            env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]))
-            if out.returncode != 0:
-                raise SystemExit(f"measurement {mode} failed:\n{out.stderr[-2000:]}")
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            res = child(cmd)
+            results[mode] = {**last_json(res, mode), "peak_rss_mib": res["peak_rss_mib"]}
+        merges = _merge_rows(Path(tmp), model_dir, data, args)
 
     plain = results["plain"]["seconds"]
     floor = results["load"]["peak_rss_mib"]
@@ -154,16 +203,36 @@ def main(argv: list[str] | None = None) -> None:
         "fisher_expected": f"fisher expected ({args.lm_samples} sample/position)",
         "compute_fisher": "compute_fisher, cold (load + Fisher + write)",
     }
-    print(f"GPT-2-shaped causal LM: {args.layers} layers, hidden 768, vocab {args.vocab}, "
-          f"~{n_params:.1f}M params; {args.samples} samples of {args.seq_len // 2}-{args.seq_len} tokens, "
-          f"batch {args.batch_size}, {args.threads} thread(s), torch on CPU\n")
-    print("| measurement | seconds | x plain fwd+bwd | peak RSS MiB | above floor MiB |")
-    print("|---|---:|---:|---:|---:|")
+    lines = [
+        f"GPT-2-shaped causal LM: {args.layers} layers, hidden 768, vocab {args.vocab}, ~{n_params:.1f}M params; "
+        f"{args.samples} samples of {args.seq_len // 2}-{args.seq_len} tokens, batch {args.batch_size}, "
+        f"{args.threads} thread(s), torch on CPU. Each row its own process.",
+        "",
+        "| measurement | seconds | x plain fwd+bwd | peak RSS MiB | above floor MiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for mode in MODES:
         r = results[mode]
         ratio = "-" if mode == "load" else f"{r['seconds'] / plain:.2f}"
         seconds = "-" if mode == "load" else f"{r['seconds']:.2f}"
-        print(f"| {labels[mode]} | {seconds} | {ratio} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - floor:+.0f} |")
+        lines.append(f"| {labels[mode]} | {seconds} | {ratio} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - floor:+.0f} |")
+    lin, fis = merges["linear"], merges["fisher"]
+    lines += [
+        "",
+        "Merging two fine-tunes of that model through the CLI (`mergekit-bico-yaml`, whole process: start-up, "
+        "planning, merge, write; the Fisher statistics precomputed by `mergekit-bico calibrate` in "
+        f"{merges['fisher_calibrate']['wall_s']:.1f} s):",
+        "",
+        "| merge | wall s | x linear | peak RSS MiB |",
+        "|---|---:|---:|---:|",
+        f"| linear | {lin['wall_s']:.2f} | 1.00 | {lin['peak_rss_mib']:.0f} |",
+        f"| fisher (normalize, floor 1e-6) | {fis['wall_s']:.2f} | {fis['wall_s'] / lin['wall_s']:.2f} | {fis['peak_rss_mib']:.0f} |",
+    ]
+    body = "\n".join(lines)
+    save("fisher_cost", "Fisher pass and Fisher merge cost", command_line("benchmarks.fisher_cost", argv), body,
+         {"results": results, "merges": {k: {kk: vv for kk, vv in v.items() if kk != "output"}
+                                         for k, v in merges.items()}, "args": vars(args)})
+    print(body)
 
 
 if __name__ == "__main__":

@@ -258,57 +258,14 @@ def ours_cmd(args: argparse.Namespace) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- measuring
-# The children are started by a tiny launcher process (python -I -S, ~10 MB), not by this one:
-# Linux carries the peak RSS of the parent's address space across fork/vfork+exec into the child's
-# ru_maxrss, so children forked from this (torch-importing) process would report our own peak.
-_LAUNCHER = r"""
-import json, os, sys, threading, time
-result, cmd = sys.argv[1], sys.argv[2:]
-peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
-io = {}
-t0 = time.perf_counter()
-pid = os.posix_spawnp(cmd[0], cmd, os.environ)
-stop = threading.Event()
-def sample():
-    path = "/proc/%d/status" % pid
-    while not stop.is_set():
-        try:
-            with open(path) as f:
-                for line in f:
-                    key, _, rest = line.partition(":")
-                    if key in peak:
-                        peak[key] = max(peak[key], int(rest.split()[0]))
-            with open("/proc/%d/io" % pid) as f:
-                for line in f:
-                    key, _, rest = line.partition(":")
-                    io[key] = int(rest)
-        except (OSError, ValueError, IndexError):
-            pass
-        stop.wait(0.02)
-th = threading.Thread(target=sample, daemon=True)
-th.start()
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - t0
-stop.set()
-th.join()
-with open(result, "w") as f:
-    json.dump({"rc": os.waitstatus_to_exitcode(status), "wall_s": wall, "user_s": ru.ru_utime,
-               "sys_s": ru.ru_stime, "maxrss_kb": ru.ru_maxrss, "peak_kb": peak,
-               "majflt": ru.ru_majflt, "minflt": ru.ru_minflt, "io": io}, f)
-"""
 
 
 def run_measured(cmd: list[str], log_path: Path, env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Run one child alone: wall time, its own peak RSS (``os.wait4``), sampled RssAnon/RssFile peaks."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    result = log_path.with_suffix(".rusage.json")
+    from benchmarks.common import launch
+
     load_before = os.getloadavg()[0]
-    with open(log_path, "wb") as log:
-        proc = subprocess.run([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(result), *cmd],
-                              stdout=log, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"launcher failed for {cmd} (see {log_path})")
-    ru = json.loads(result.read_text())
+    ru = launch(cmd, log=log_path, env=env, cwd=Path.cwd())
     rec = {
         "cmd": cmd,
         "rc": ru["rc"],
@@ -426,7 +383,6 @@ def compare_outputs(ours: Path, theirs: Path, *, method: str, models: dict[str, 
     For methods with top-k pruning, elements that differ are also classified: those lying on a tied
     top-k threshold of an input delta are reported apart (``*_tie_break``); the rest must be equal.
     """
-    import torch
     from safetensors import safe_open
 
     a, b = _st_index(ours), _st_index(theirs)

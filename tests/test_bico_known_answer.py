@@ -485,3 +485,26 @@ def test_large_tensor_float32_path_is_exact_too(llama_pair, llama_rotated, monke
     monkeypatch.setattr(api, "FLOAT64_MAX_NUMEL", 0)
     prepared = _transfer(root, a, ft, llama_rotated, calib)   # cached maps
     assert _error(prepared, llama_rotated, ft) <= TOL
+
+
+def test_scale_norms_is_exact_on_a_rescaled_reparametrisation(llama_pair, llama_rotated, tmp_path):
+    """B with every MLP's inner space scaled (up_proj x 3, down_proj / 3 keeps the function): the
+    gradient-side and activation-side norms of that space change by 1/3 and 3. `scale: norms`
+    recovers the factors (gains 1/3 on up's output, 3 on down's input) and stays exact; it is
+    exact on the plain rotation as well (every gain 1)."""
+    root, a, ft, calib = llama_pair
+    sd, config = rp.state_dict64(llama_rotated)
+    for layer in range(2):
+        sd[f"model.layers.{layer}.mlp.up_proj.weight"] = sd[f"model.layers.{layer}.mlp.up_proj.weight"] * 3
+        sd[f"model.layers.{layer}.mlp.down_proj.weight"] = sd[f"model.layers.{layer}.mlp.down_proj.weight"] / 3
+    b = rp.save_causal_lm(config, sd, tmp_path / "B_scaled")
+    ids = _held_out()
+    assert _rel(_logits(rp.load_causal_lm(b), ids), _logits(rp.load_causal_lm(a), ids)) < 1e-5
+    plain = _transfer(root, a, ft, b, calib)
+    assert _error(plain, b, ft) > 100 * TOL          # orthogonal maps alone miss the factors
+    scaled = _transfer(root, a, ft, b, calib, scale="norms")
+    assert scaled.report()["settings"]["scale"] == "norms"
+    assert _error(scaled, b, ft) <= TOL
+    gains = {(r["layer"], r["space"]): r["gain"] for r in scaled.report()["spaces"]}
+    assert gains[(0, "down_in")] == pytest.approx(1 / 3, rel=1e-6)
+    assert _error(_transfer(root, a, ft, llama_rotated, calib, scale="norms"), llama_rotated, ft) <= TOL

@@ -210,7 +210,14 @@ def rotten_tomatoes_path() -> Path:
 
 
 def wordnet_path() -> Path:
+    """``data.noun`` of Debian's wordnet-base: ``$BICO_WORDNET_DATA_NOUN``, else the system's, else the
+    copy ``make bench`` unpacks under ``.cache/wordnet`` when it cannot install packages."""
     path = Path(os.environ.get("BICO_WORDNET_DATA_NOUN", WORDNET_DATA_NOUN))
+    if not path.is_file() and "BICO_WORDNET_DATA_NOUN" not in os.environ:
+        from benchmarks.realmodels import cache_root
+
+        unpacked = cache_root() / "wordnet" / WORDNET_DATA_NOUN.lstrip("/")
+        path = unpacked if unpacked.is_file() else path
     if not path.is_file():
         raise DataUnavailableError(
             f"WordNet noun data not found at {path} (apt-get install -y wordnet-base)"

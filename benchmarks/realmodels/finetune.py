@@ -28,7 +28,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys

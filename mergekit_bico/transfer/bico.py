@@ -33,6 +33,13 @@ is a function-preserving reparametrisation ``x_B = R^T x_A`` of the source):
   map stays semi-orthogonal over the concatenated heads; it is exact when the target's heads
   contain the source's (permuted, or extra zero-initialised heads), and otherwise may mix heads
   (with RoPE, mixing inside a head is only approximately meaningful); the report notes the mismatch.
+* ``scale``: ``none`` (default) carries the delta by orthogonal maps only. ``norms`` also
+  matches the two models' scales: if ``x_B = alpha R_in^T x_A`` and ``y_B = beta R_out^T y_A``
+  (so ``g_B = R_out^T g_A / beta``), the delta with the same first-order effect on the loss,
+  ``g_B^T dW_B x_B = g_A^T dW_A x_A``, is ``(beta / alpha) R_out^T dW_A R_in``; ``1/alpha`` and
+  ``beta`` are estimated per space from the statistics' norms (``sqrt(tr_A / tr_B)`` of X and of G;
+  ``sqrt(tr_B / tr_A)`` of Y), biases take ``beta``, embeddings the factor of their output space.
+  Both are exact on orthogonal reparametrisations (all factors 1); norms' gains are not scaled.
 * ``output_space``: ``gradients`` (default) uses ``G`` for output spaces; ``activations`` uses
   the outputs ``Y`` (Theseus) -- these cannot determine the output map of an expanding linear
   (``rank(Y) <= d_in < d_out``, e.g. gate/up projections), which gradients do; ``combined`` runs Procrustes on the row-concatenation of the two
@@ -74,8 +81,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["prepare_bico", "BicoTransfer", "MapSet", "fit_maps", "load_calibration", "similarity_map"]
 
-MAPS_VERSION = "bico-maps-v1"
+MAPS_VERSION = "bico-maps-v2"
 OUTPUT_STATS = {"gradients": ("G",), "activations": ("Y",), "combined": ("G", "Y")}
+GAIN_SUFFIX = "#gain"
 FOLD_GAIN_RTOL = 1e-6
 CKA_TOKENS = 512
 
@@ -208,7 +216,25 @@ def fit_maps(
             continue
         rows.append(row)
         maps[_map_name(e["layer"], e["space"])] = fit.r.to(torch.float32).cpu()
+        gain = _gain(e["parts"])
+        if gain is not None:
+            row["gain"] = gain
+            maps[_map_name(e["layer"], e["space"]) + GAIN_SUFFIX] = torch.tensor(gain, dtype=torch.float64)
     return maps, rows
+
+
+def _gain(parts: list[tuple[str, SpaceStats]]) -> Optional[float]:
+    """The factor ``scale: norms`` applies for this space (see :class:`BicoTransfer`):
+    ``||x_A|| / ||x_B||`` for inputs (X) and ``||g_A|| / ||g_B||`` for output gradients (G), i.e.
+    ``sqrt(tr_A / tr_B)``; ``||y_B|| / ||y_A||`` for output activations (Y). A combined output
+    space uses its gradients. None when a side has no signal."""
+    stats = dict(parts)
+    stat = "G" if "G" in stats else next(iter(stats))
+    s = stats[stat]
+    if s.tr_a <= 0 or s.tr_b <= 0:
+        return None
+    ratio = (s.tr_a / s.tr_b) ** 0.5
+    return 1.0 / ratio if stat == "Y" else ratio
 
 
 def _count(s: torch.Tensor, rtol: float) -> int:
@@ -247,9 +273,16 @@ class MapSet:
     def paths(self) -> list[str]:
         return [str(f.path) for f in self.files]
 
+    def gain(self, layer: Optional[int], space: str) -> float:
+        """The space's ``scale: norms`` factor (1.0 when none was recorded)."""
+        g = self._read(_map_name(layer, space) + GAIN_SUFFIX)
+        return 1.0 if g is None else float(g)
+
     def get(self, layer: Optional[int], space: str) -> Optional[torch.Tensor]:
         """The map (d_A, d_B), float32, or None when no statistics were fitted for it."""
-        name = _map_name(layer, space)
+        return self._read(_map_name(layer, space))
+
+    def _read(self, name: str) -> Optional[torch.Tensor]:
         if name in self.cache:
             self.cache.move_to_end(name)
             return self.cache[name]
@@ -330,6 +363,7 @@ def prepare_bico(
         target_base=str(ctx.target_path),
         settings={
             "statistics": cfg.statistics, "output_space": cfg.output_space, "layer_map": cfg.layer_map,
+            "scale": cfg.scale,
             "memory_budget": cfg.memory_budget, "norm_rule": norm_rule, "rank_rtol": rtol,
             "calibration": {k: v for k, v in calibration.model_dump().items()},
         },
@@ -505,6 +539,12 @@ class BicoTransfer(PreparedTransfer):
             raise Untransferable(f"no statistics for space '{space}' ({where})")
         return r.to(self.compute_dtype)
 
+    def _gain(self, layer: Optional[int], space: str) -> float:
+        """``scale: norms``: the space's norm ratio (1 for ``none`` and for identity spaces)."""
+        if self.ctx.cfg.scale != "norms" or space in IDENTITY_SPACES:
+            return 1.0
+        return self.maps.gain(layer, space)
+
     # -- norm folding -------------------------------------------------------------------------
     def _folded(self, i: Optional[int], j: Optional[int], norm_role: str) -> bool:
         key = (i, j, norm_role)
@@ -618,7 +658,8 @@ class BicoTransfer(PreparedTransfer):
                 piece = r_out.T @ piece
             if r_in is not None:
                 piece = piece @ r_in
-            pieces.append(piece)
+            gain = self._gain(j, space) * (self._gain(j, rule.in_space) if with_input else 1.0)
+            pieces.append(piece if gain == 1.0 else piece * gain)
         return torch.cat(pieces, dim=0)
 
     def _check_identity_sizes(self, out: torch.Tensor, shape: tuple[int, ...], rule: LinearRule) -> None:
@@ -698,4 +739,5 @@ class BicoTransfer(PreparedTransfer):
         if r.shape[0] != a.shape[1]:
             raise Untransferable(f"map of '{spec.out_space}' is {list(r.shape)}, embedding width is {a.shape[1]}")
         self._report.rule("embedding (hidden axis by output map)", name)
-        return (f - a) @ r
+        gain = self._gain(None, spec.out_space)
+        return (f - a) @ r if gain == 1.0 else ((f - a) @ r) * gain
