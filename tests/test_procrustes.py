@@ -174,3 +174,32 @@ def test_batched_equals_single_and_polar():
 def test_residual_needs_full_moment_when_narrowing():
     with pytest.raises(ValueError):
         relative_residual(torch.zeros(5, 3, dtype=torch.float64), 0.0, 1.0, trace_a=1.0)
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (50, 36), (36, 50)])
+@pytest.mark.parametrize("rank", [None, 20])
+def test_eigh_path_equals_the_svd_path(monkeypatch, shape, rank):
+    """Wide maps use the eigendecomposition of the Gram matrix (faster); same map, same rank, same
+    completion of unseen directions as the SVD path (thresholds lowered to run it on small maps)."""
+    from mergekit_bico.transfer import procrustes as pr
+
+    gen = torch.Generator().manual_seed(3)
+    x_a = torch.randn(300, shape[0], generator=gen, dtype=torch.float64)
+    x_b = x_a[:, : min(shape)] @ torch.randn(min(shape), shape[1], generator=gen, dtype=torch.float64) \
+        + 0.3 * torch.randn(300, shape[1], generator=gen, dtype=torch.float64)
+    if rank is not None:
+        x_a = x_a @ torch.linalg.qr(torch.randn(shape[0], rank, generator=gen, dtype=torch.float64))[0] \
+            @ torch.randn(rank, shape[0], generator=gen, dtype=torch.float64)
+    c = x_a.T @ x_b
+    ref = pr.procrustes(c, rtol=1e-7)
+    monkeypatch.setattr(pr, "EIGH_MIN_DIM", 1)
+    got = pr.procrustes(c, rtol=1e-7)
+    assert got.rank == ref.rank == (rank or min(shape))
+    smax, r = float(ref.singular_values[0]), got.rank
+    torch.testing.assert_close(got.singular_values[:r], ref.singular_values[:r], rtol=1e-9, atol=1e-9 * smax)
+    assert (float(got.singular_values[r:].max()) if r < len(got.singular_values) else 0.0) < 1e-7 * smax   # the squaring's noise floor
+    torch.testing.assert_close(got.r, ref.r, rtol=0, atol=1e-7)
+    k = min(shape)
+    eye = torch.eye(k, dtype=torch.float64)
+    gram = got.r.T @ got.r if shape[0] >= shape[1] else got.r @ got.r.T
+    torch.testing.assert_close(gram, eye, rtol=0, atol=1e-10)

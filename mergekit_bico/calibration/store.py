@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import struct
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -105,7 +106,16 @@ def _validate_header(path: Path) -> dict[str, Any]:
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise CalibrationError(f"stats file '{path}' has corrupt metadata")
+    header["__data_start__"] = 8 + n
     return header
+
+
+_TORCH_DTYPES = {tag: getattr(torch, name) for tag, name in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"))}
+# pread straight into a fresh tensor (little-endian data, POSIX): nothing is mapped, so reading a
+# whole stats file tensor by tensor does not leave its pages in the process's RSS
+_PREAD = sys.byteorder == "little" and hasattr(os, "preadv")
 
 
 class StatsFile:
@@ -119,8 +129,12 @@ class StatsFile:
         self.path = Path(path)
         header = _validate_header(self.path)
         self.metadata: dict[str, str] = dict(header.get("__metadata__") or {})
-        self._names = [k for k in header if k != "__metadata__"]
+        self._names = [k for k in header if not k.startswith("__")]
         self._shapes = {k: tuple(header[k]["shape"]) for k in self._names}
+        start = header["__data_start__"]
+        self._spans = {k: (start + header[k]["data_offsets"][0], header[k]["data_offsets"][1] - header[k]["data_offsets"][0],
+                           header[k]["dtype"]) for k in self._names}
+        self._fd: Optional[int] = None
         recorded = self.metadata.get("model_fingerprint")
         if model_fingerprint is not None and recorded != model_fingerprint:
             model = self.metadata.get("model_path", "?")
@@ -161,14 +175,38 @@ class StatsFile:
         if name not in self._shapes:
             raise CalibrationError(f"stats file '{self.path}' has no tensor '{name}'")
         try:
+            offset, nbytes, tag = self._spans[name]
+            if _PREAD and tag in _TORCH_DTYPES:
+                return self._pread(offset, nbytes).view(_TORCH_DTYPES[tag]).reshape(self._shapes[name])
             return self._open().get_tensor(name).clone()
         except CalibrationError:
             raise
         except Exception as err:  # noqa: BLE001
             raise CalibrationError(f"cannot read tensor '{name}' from stats file '{self.path}': {' '.join(str(err).split())}") from None
 
+    def _pread(self, offset: int, nbytes: int) -> torch.Tensor:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < nbytes:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CalibrationError(f"stats file '{self.path}' is shorter than its header says (truncated while in use?)")
+            done += n
+        return buf
+
     def close(self) -> None:
         self._handle = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def __enter__(self) -> "StatsFile":
         return self

@@ -40,6 +40,11 @@ is a function-preserving reparametrisation ``x_B = R^T x_A`` of the source):
   ``beta`` are estimated per space from the statistics' norms (``sqrt(tr_A / tr_B)`` of X and of G;
   ``sqrt(tr_B / tr_A)`` of Y), biases take ``beta``, embeddings the factor of their output space.
   Both are exact on orthogonal reparametrisations (all factors 1); norms' gains are not scaled.
+* ``tie_maps``: one map for the spaces of a block that must share coordinates for the block's
+  function to carry over (``ArchSpec.tied_spaces``: queries with keys, values with the output
+  projection's input, an MLP's hidden outputs with the down projection's inputs), fitted from all
+  their statistics at once (normalised sum). Exact on the reparametrisations above; with few
+  tokens (or near rank-one gradients) it pins down directions one space's statistics leave free.
 * ``output_space``: ``gradients`` (default) uses ``G`` for output spaces; ``activations`` uses
   the outputs ``Y`` (Theseus) -- these cannot determine the output map of an expanding linear
   (``rank(Y) <= d_in < d_out``, e.g. gate/up projections), which gradients do; ``combined`` runs Procrustes on the row-concatenation of the two
@@ -147,79 +152,111 @@ def _map_name(layer: Optional[int], space: str) -> str:
     return f"{'global' if layer is None else layer}:{space}"
 
 
+def _combine(parts: Sequence[tuple[str, SpaceStats]]) -> dict[str, Any]:
+    """One cross-covariance from one or several statistics: a single one as it is; several (a
+    ``combined`` output space, or tied spaces) each normalised to unit Frobenius norm on both sides
+    and summed, so that none dominates by its scale. Statistics without signal are left out."""
+    if len(parts) == 1:
+        stat, s = parts[0]
+        return {"c": s.c, "tr_a": s.tr_a, "tr_b": s.tr_b, "m_a": s.m_a, "stat": stat}
+    c = torch.zeros_like(parts[0][1].c)
+    m_a = None if parts[0][1].m_a is None else torch.zeros_like(parts[0][1].m_a)
+    tr_a = tr_b = 0.0
+    for _, st in parts:
+        if st.tr_a <= 0 or st.tr_b <= 0:
+            continue
+        c = c + st.c / (st.tr_a ** 0.5 * st.tr_b ** 0.5)
+        if m_a is not None:
+            m_a = m_a + st.m_a / st.tr_a
+        tr_a += 1.0
+        tr_b += 1.0
+    return {"c": c, "tr_a": tr_a, "tr_b": tr_b, "m_a": m_a, "stat": "+".join(p for p, _ in parts)}
+
+
+def _residual(r: torch.Tensor, comb: dict[str, Any]) -> Optional[float]:
+    if comb["tr_b"] <= 0:
+        return None
+    d_a, d_b = comb["c"].shape
+    kwargs = {"m_a": comb["m_a"]} if d_a > d_b else {"trace_a": comb["tr_a"]}
+    return relative_residual(r, float((r * comb["c"]).sum()), comb["tr_b"], **kwargs)
+
+
 def fit_maps(
     stats: dict[tuple[Optional[int], str, str], SpaceStats],
     pairs: Sequence[PairSpec],
     *,
     rtol: float = DEFAULT_RTOL,
+    ties: Sequence[tuple[str, ...]] = (),
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Procrustes maps for every (target layer, space) of one pass, SVDs batched by shape.
 
     Output spaces with both ``G`` and ``Y`` statistics use the combined rule (normalised sum).
+    ``ties``: groups of spaces of one block that must share one map (same sizes on both sides);
+    the map is fitted once from all their statistics (normalised sum) and stored under each name.
     Returns ``({map name: R float32 (d_A, d_B)}, report rows)``.
     """
     groups: dict[tuple[Optional[int], str], list[PairSpec]] = {}
     for p in pairs:
         groups.setdefault((p.target_layer, p.space), []).append(p)
+    units: list[list[tuple[Optional[int], str]]] = []
+    tied: set[tuple[Optional[int], str]] = set()
+    for (layer, space) in list(groups):
+        if (layer, space) in tied or layer is None:
+            continue
+        for tie in ties:
+            members = [(layer, t) for t in tie if (layer, t) in groups]
+            dims = {(groups[m][0].d_a, groups[m][0].d_b) for m in members}
+            if space in tie and len(members) > 1 and len(dims) == 1:
+                units.append(members)
+                tied.update(members)
+                break
+    units += [[key] for key in groups if key not in tied]
     entries = []
-    for (layer, space), ps in groups.items():
-        parts = [(p.stat, stats[(layer, space, p.stat)]) for p in ps]
-        if len(parts) == 1:
-            stat, s = parts[0]
-            c, tr_a, tr_b, m_a = s.c, s.tr_a, s.tr_b, s.m_a
-        else:  # combined: each statistic normalised to unit Frobenius norm on both sides
-            c = torch.zeros_like(parts[0][1].c)
-            m_a = None if parts[0][1].m_a is None else torch.zeros_like(parts[0][1].m_a)
-            tr_a = tr_b = 0.0
-            for _, s in parts:
-                if s.tr_a <= 0 or s.tr_b <= 0:
-                    continue
-                na, nb = s.tr_a ** 0.5, s.tr_b ** 0.5
-                c = c + s.c / (na * nb)
-                if m_a is not None:
-                    m_a = m_a + s.m_a / s.tr_a
-                tr_a += 1.0
-                tr_b += 1.0
-            stat = "+".join(p for p, _ in parts)
-        entries.append(dict(layer=layer, space=space, stat=stat, c=c, tr_a=tr_a, tr_b=tr_b, m_a=m_a,
-                            parts=parts, source_layer=ps[0].source_layer, rows=parts[0][1].rows))
+    for members in units:
+        per_member = {m: [(p.stat, stats[(m[0], m[1], p.stat)]) for p in groups[m]] for m in members}
+        comb = _combine([part for m in members for part in per_member[m]])
+        entries.append(dict(members=members, per_member=per_member, comb=comb,
+                            source_layer=groups[members[0]][0].source_layer,
+                            rows=per_member[members[0]][0][1].rows))
     by_shape: dict[tuple[int, int], list[int]] = {}
     for k, e in enumerate(entries):
-        by_shape.setdefault(tuple(e["c"].shape), []).append(k)
+        by_shape.setdefault(tuple(e["comb"]["c"].shape), []).append(k)
     maps: dict[str, torch.Tensor] = {}
     rows: list[dict[str, Any]] = []
     fits: dict[int, Any] = {}
     for shape, idx in by_shape.items():
-        stack = torch.stack([entries[k]["c"] for k in idx])
+        stack = torch.stack([entries[k]["comb"]["c"] for k in idx])
         for k, fit in zip(idx, procrustes_batched(stack, rtol=rtol)):
             fits[k] = fit
     for k, e in enumerate(entries):
         fit = fits[k]
-        d_a, d_b = e["c"].shape
-        kwargs = {"m_a": e["m_a"]} if d_a > d_b else {"trace_a": e["tr_a"]}
-        row: dict[str, Any] = {
-            "layer": e["layer"], "source_layer": e["source_layer"], "space": e["space"], "stat": e["stat"],
-            "d_source": d_a, "d_target": d_b, "rank": fit.rank,
-            "well_determined_rank": _count(fit.singular_values, WELL_DETERMINED_RTOL),
-            "min_singular_ratio": _ratio(fit.singular_values), "tokens": e["rows"],
-            "residual": relative_residual(fit.r, fit.trace_rc, e["tr_b"], **kwargs) if e["tr_b"] > 0 else None,
-        }
-        if len(e["parts"]) > 1:
-            for stat, s in e["parts"]:
-                kw = {"m_a": s.m_a} if d_a > d_b else {"trace_a": s.tr_a}
-                row[f"residual_{stat}"] = relative_residual(fit.r, float((fit.r * s.c).sum()), s.tr_b, **kw) if s.tr_b > 0 else None
-        if fit.rank < min(d_a, d_b):
-            row["note"] = "rank-deficient statistics: unseen directions completed closest to identity"
-        if fit.rank == 0:
-            row["note"] = "no signal (all-zero statistics): not mapped; tensors using this space are not transferred"
+        d_a, d_b = e["comb"]["c"].shape
+        for layer, space in e["members"]:
+            parts = e["per_member"][(layer, space)]
+            own = _combine(parts)
+            row: dict[str, Any] = {
+                "layer": layer, "source_layer": e["source_layer"], "space": space, "stat": own["stat"],
+                "d_source": d_a, "d_target": d_b, "rank": fit.rank,
+                "well_determined_rank": _count(fit.singular_values, WELL_DETERMINED_RTOL),
+                "min_singular_ratio": _ratio(fit.singular_values), "tokens": e["rows"],
+                "residual": _residual(fit.r, own),
+            }
+            if len(e["members"]) > 1:
+                row["tied"] = "+".join(m for _, m in e["members"])
+            if len(parts) > 1:
+                for stat, st in parts:
+                    row[f"residual_{stat}"] = _residual(fit.r, _combine([(stat, st)]))
+            if fit.rank < min(d_a, d_b):
+                row["note"] = "rank-deficient statistics: unseen directions completed closest to identity"
             rows.append(row)
-            continue
-        rows.append(row)
-        maps[_map_name(e["layer"], e["space"])] = fit.r.to(torch.float32).cpu()
-        gain = _gain(e["parts"])
-        if gain is not None:
-            row["gain"] = gain
-            maps[_map_name(e["layer"], e["space"]) + GAIN_SUFFIX] = torch.tensor(gain, dtype=torch.float64)
+            if fit.rank == 0:
+                row["note"] = "no signal (all-zero statistics): not mapped; tensors using this space are not transferred"
+                continue
+            maps[_map_name(layer, space)] = fit.r.to(torch.float32).cpu()
+            gain = _gain(parts)
+            if gain is not None:
+                row["gain"] = gain
+                maps[_map_name(layer, space) + GAIN_SUFFIX] = torch.tensor(gain, dtype=torch.float64)
     return maps, rows
 
 
@@ -363,7 +400,7 @@ def prepare_bico(
         target_base=str(ctx.target_path),
         settings={
             "statistics": cfg.statistics, "output_space": cfg.output_space, "layer_map": cfg.layer_map,
-            "scale": cfg.scale,
+            "scale": cfg.scale, "tie_maps": cfg.tie_maps,
             "memory_budget": cfg.memory_budget, "norm_rule": norm_rule, "rank_rtol": rtol,
             "calibration": {k: v for k, v in calibration.model_dump().items()},
         },
@@ -383,6 +420,7 @@ def prepare_bico(
         calibration=_calibration_parts(calibration),
         tokenizers=[tokenizer_fingerprint(stats_path), tokenizer_fingerprint(ctx.target_path)],
         output_space=cfg.output_space,
+        tie_maps=cfg.tie_maps,
         layer_map=cfg.layer_map,
         rtol=rtol,
     )
@@ -489,7 +527,7 @@ def _compute(ctx, calibration, store, key, fp_target, static_map, budget, device
         timings["statistics_s"] += time.perf_counter() - t0
         stats_peak = max(stats_peak, peak)
         t0 = time.perf_counter()
-        maps, rows = fit_maps(stats, group, rtol=rtol)
+        maps, rows = fit_maps(stats, group, rtol=rtol, ties=ctx.arch_target.tied_spaces if cfg.tie_maps else ())
         del stats
         layers = sorted({-1 if p.target_layer is None else p.target_layer for p in group})
         part_key = store.key("bico_maps", index=key, part=k, layers=layers)

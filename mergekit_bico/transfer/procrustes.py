@@ -37,6 +37,14 @@ __all__ = ["ProcrustesFit", "procrustes", "procrustes_batched", "relative_residu
 
 DEFAULT_RTOL = 1e-10
 WELL_DETERMINED_RTOL = 1e-6
+# Maps at least this wide (both sides) take their polar factor from the symmetric eigenproblem of
+# C^T C (or C C^T) in float64 instead of an SVD of C: LAPACK's syevd is about twice as fast as gesdd
+# there (1536 x 1536: 1.1 s vs 2.2 s on 2 cores), and exact up to the squaring, which resolves
+# singular values down to ~1e-8 s_max only; below EIGH_RTOL a direction counts as unseen (completed
+# like any rank-deficient one). Such widths only come from real models, whose float32 statistics
+# carry no information at 1e-8 anyway; the small spaces of the known-answer tests keep the SVD.
+EIGH_MIN_DIM = 1024
+EIGH_RTOL = 1e-7
 
 
 @dataclass
@@ -91,18 +99,40 @@ def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> list[P
     if c.dim() == 2:
         c = c.unsqueeze(0)
     c = c.to(torch.float64)
-    u, s, vh = torch.linalg.svd(c, full_matrices=False)
-    r = u @ vh
+    if min(c.shape[1:]) >= EIGH_MIN_DIM:
+        u, s, vh = _svd_by_eigh(c)
+        rtol = max(rtol, EIGH_RTOL)
+    else:
+        u, s, vh = torch.linalg.svd(c, full_matrices=False)
     fits: list[ProcrustesFit] = []
     for i in range(c.shape[0]):
         s_i = s[i]
         smax = float(s_i[0]) if s_i.numel() else 0.0
         rank = int((s_i > rtol * smax).sum()) if smax > 0 else 0
-        r_i = r[i]
         if rank < s_i.numel():
             r_i = _complete(c[i], u[i], vh[i], rank)
+        else:
+            r_i = u[i] @ vh[i]
         fits.append(ProcrustesFit(r=r_i, singular_values=s_i, rank=rank, trace_rc=float((r_i * c[i]).sum())))
     return fits
+
+
+def _svd_by_eigh(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``(u, s, vh)`` of a stack (b, d_A, d_B) from the eigendecomposition of the smaller
+    Gram matrix: ``C^T C = V S^2 V^T``, ``U = C V / S`` (columns for ``S <= EIGH_RTOL s_max`` are
+    zero: the caller completes those directions). Singular values descending."""
+    wide = c.shape[1] < c.shape[2]          # d_A < d_B: work with C C^T
+    m = c @ c.transpose(1, 2) if wide else c.transpose(1, 2) @ c
+    w, q = torch.linalg.eigh(m)
+    w, q = w.flip(-1), q.flip(-1)           # descending
+    s = w.clamp_min(0).sqrt()
+    smax = s[:, :1].clamp_min(torch.finfo(s.dtype).tiny)
+    inv = torch.where(s > EIGH_RTOL * smax, 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+    if wide:                                # q = U; V = C^T U / S
+        v = (c.transpose(1, 2) @ q) * inv[:, None, :]
+        return q, s, v.transpose(1, 2)
+    u = (c @ q) * inv[:, None, :]           # q = V; U = C V / S
+    return u, s, q.transpose(1, 2)
 
 
 def procrustes(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> ProcrustesFit:
