@@ -205,7 +205,7 @@ def ensure_models(workdir: Path, size: int) -> dict[str, Path]:
     return paths
 
 
-def write_config(path: Path, method: str, models: dict[str, Path]) -> Path:
+def write_config(path: Path, method: str, models: dict[str, Path], extra: Optional[dict[str, Any]] = None) -> Path:
     import yaml
 
     spec = METHODS[method]
@@ -217,8 +217,8 @@ def write_config(path: Path, method: str, models: dict[str, Path]) -> Path:
             for ft, params in zip(("ft1", "ft2"), spec["models"])
         ],
     }
-    if spec["parameters"]:
-        cfg["parameters"] = dict(spec["parameters"])
+    if spec["parameters"] or extra:
+        cfg["parameters"] = {**(spec["parameters"] or {}), **(extra or {})}
     cfg["dtype"] = "float32"
     cfg["out_dtype"] = "float32"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -573,6 +573,22 @@ def run_size(args: argparse.Namespace, size: int, workdir: Path, mk_bin: Optiona
             mk_row["vs_floor"] = round(mk_row["wall_s"] / floor["wall_s"], 3)
             rows.append(mk_row)
         _rmtree(ours_out)
+        if method == "ties":
+            # which of several equal magnitudes at the top-k cut are kept: mergekit leaves it to
+            # torch.argsort's unstable order; tie_break: sort makes the same call (and pays its cost)
+            label = "mergekit-bico, tie_break: sort"
+            print(f"[x{size}] {method}: {label}", flush=True)
+            cfg_sort = write_config(workdir / f"x{size}-{method}-sort.yml", method, models, {"tie_break": "sort"})
+            var = measure(f"ours-{method}-sort", lambda out: ours_cmd(args) + [str(cfg_sort), str(out), "--quiet", *args.ours_args],
+                          ours_out)
+            var_row = {**common, "method": method, "tool": label, **var,
+                       "vs_floor": round(var["wall_s"] / floor["wall_s"], 3)}
+            if mk_row and var["rc"] == 0 and mk_row["rc"] == 0:
+                var_row["equality"] = compare_outputs(ours_out, mk_out, method=method, models=models)
+                var_row["vs_mergekit"] = round(var["wall_s"] / mk_row["wall_s"], 3)
+                print(f"  {var['wall_s']:.1f} s; max |ours - mergekit| = {var_row['equality']['max_abs_diff']:.3g}", flush=True)
+            rows.append(var_row)
+            _rmtree(ours_out)
         _rmtree(mk_out)
         for shard in args.shard_variants:
             if method != "task_arithmetic":
@@ -610,6 +626,10 @@ def evaluate(rows: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any
             checks.append({"check": f"{size}x task_arithmetic time vs floor", "value": r["vs_floor"],
                            "target": f"<= {TARGETS['task_arithmetic_vs_floor']}",
                            "ok": r["vs_floor"] <= TARGETS["task_arithmetic_vs_floor"]})
+        r = get(size, "ties", "mergekit-bico, tie_break: sort")
+        if r and "equality" in r:
+            checks.append({"check": f"{size}x ties (tie_break: sort) max abs diff vs mergekit", "value": r["equality"]["max_abs_diff"],
+                           "target": f"<= {TOLERANCE:g}", "ok": r["equality"]["equal"]})
         for method in METHODS:
             r = get(size, method, "mergekit-bico")
             if r and "equality" in r:

@@ -232,22 +232,26 @@ def methods_cmd() -> None:
 
 @main.command("calibrate")
 @click.argument("config_file", metavar="CONFIG")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Statistics cache folder (default: .mergekit_bico_cache beside CONFIG).")
+@click.argument("out_path", metavar="[OUT]", required=False)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Statistics cache folder (default: the merge's, .mergekit_bico_cache beside OUT; without OUT, beside CONFIG).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 @one_line_errors
-def calibrate_cmd(config_file: str, cache_dir: Optional[Path], device: str, quiet: bool) -> None:
-    """Precompute the calibration statistics CONFIG needs (Fisher, BiCo maps) into the cache."""
+def calibrate_cmd(config_file: str, out_path: Optional[str], cache_dir: Optional[Path], device: str, quiet: bool) -> None:
+    """Precompute the calibration statistics CONFIG needs (Fisher, BiCo maps) into the cache that
+    `mergekit-bico-yaml CONFIG OUT` will read (give the same OUT, or the same --cache-dir)."""
     from mergekit_bico.config import load_config
-    from mergekit_bico.pipeline import calibrate_only
+    from mergekit_bico.pipeline import CACHE_NAME, calibrate_only, default_cache_dir
 
     _setup_logging(False, quiet)
     _check_device(device)
     path = Path(config_file)
     config = load_config(path)
-    cache = cache_dir or (path.parent / ".mergekit_bico_cache")
+    cache = cache_dir or (default_cache_dir(Path(out_path)) if out_path else path.parent / CACHE_NAME)
     for line in calibrate_only(config, path, cache, device=device, progress=not quiet):
         click.echo(line)
+    click.echo(f"statistics cache: {cache}")
 
 
 if __name__ == "__main__":  # pragma: no cover

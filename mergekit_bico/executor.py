@@ -186,8 +186,8 @@ def _whole_unit(job: Job, inputs: Inputs, writer: Any) -> Unit:
 def _ties_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
     """TIES slice by slice: two counting passes find every input's top-k threshold (radix select
     over histograms of the whole tensor), the third merges; the result equals the whole-tensor one.
-    Where a threshold falls inside a run of equal magnitudes, which of them mergekit keeps is decided
-    by its sort of the whole tensor: that (rare) tensor is then merged whole, to keep the same ones."""
+    Equal magnitudes at a threshold go to the lowest flat indices (``tie_break: index``); with
+    ``tie_break: sort`` such a tensor is merged whole instead, so that mergekit's sort decides."""
     from mergekit_bico.methods.sparsify import MagnitudeThreshold, magnitude_keys
     from mergekit_bico.methods.task_arithmetic import generalized_task_arithmetic
 
@@ -237,8 +237,8 @@ def _ties_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
         # the units above have been processed by now: the consumer runs each before asking for the next
         for i in active:
             thresholds[i] = MagnitudeThreshold.from_histograms(lows[i], picks[i][0], picks[i][1], numel, ks[i])
-        if any(thresholds[i].ambiguous for i in active):
-            yield _whole_unit(job, inputs, writer)
+        if params["tie_break"] == "sort" and any(thresholds[i].ambiguous for i in active):
+            yield _whole_unit(job, inputs, writer)   # mergekit's sort decides among equal magnitudes
             return
     for a, b in ranges:
         yield (lambda a=a, b=b: inputs.load_flat(job, a, b)), (lambda loaded, a=a: merge(loaded, a))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from mergekit_bico.calibration.store import CACHE_DIR_NAME as CACHE_NAME, default_cache_dir  # noqa: F401 (re-exported)
 from mergekit_bico.config import MergeConfig
 from mergekit_bico.errors import ConfigError
 from mergekit_bico.executor import Inputs, RunOptions, RunResult, run_plan
@@ -14,12 +15,6 @@ from mergekit_bico.plan import Plan, build_plan
 
 log = logging.getLogger("mergekit_bico")
 
-CACHE_NAME = ".mergekit_bico_cache"
-
-
-def default_cache_dir(out_path: Path) -> Path:
-    """Statistics are cached beside the output folder, so reruns into the same place reuse them."""
-    return out_path.absolute().parent / CACHE_NAME
 
 
 def _needs_fisher(plan: Plan) -> bool:

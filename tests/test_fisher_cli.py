@@ -96,6 +96,23 @@ def test_calibrate_command_precomputes(llama_family, tmp_path):
     assert r.output.count("Fisher statistics") == 2
 
 
+def test_calibrate_with_out_fills_the_merges_default_cache(llama_family, tmp_path):
+    """`calibrate CONFIG OUT` then `mergekit-bico-yaml CONFIG OUT`: the merge finds the statistics
+    in its default cache (beside OUT) and computes nothing."""
+    cfg = setup(tmp_path, llama_family)
+    out = tmp_path / "merged" / "out"
+    out.parent.mkdir()
+    r = CliRunner().invoke(main, ["calibrate", str(cfg), str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    cache = out.parent / ".mergekit_bico_cache"
+    assert f"statistics cache: {cache.resolve()}" in r.output
+    before = {p: p.stat().st_mtime_ns for p in stats_files(cache)}
+    assert len(before) == 2
+    r = CliRunner().invoke(yaml_main, [str(cfg), str(out)])
+    assert r.exit_code == 0, r.output
+    assert {p: p.stat().st_mtime_ns for p in stats_files(cache)} == before
+
+
 def test_fisher_needs_calibration(llama_family, tmp_path):
     cfg = {"merge_method": "fisher", "models": [{"model": str(llama_family["ft1"])}, {"model": str(llama_family["ft2"])}]}
     path = tmp_path / "c.yml"

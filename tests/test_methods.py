@@ -25,6 +25,7 @@ from mergekit_bico.methods.sparsify import (
     magnitude,
     magnitude_keys,
     select_largest,
+    select_smallest,
     select_sorted_range,
 )
 
@@ -368,16 +369,37 @@ def test_topk_ties_keep_what_mergekits_sort_keeps(seed, n):
     for k in (0, 1, 7, n // 10, n // 3, n // 2, n - 1, n):
         ref = torch.zeros(n, dtype=torch.bool)
         ref[torch.argsort(w, descending=True)[:k]] = True
-        assert torch.equal(select_largest(keys, k), ref), k
+        assert torch.equal(select_largest(keys, k, "sort"), ref), k
     order = torch.sort(w).indices
     for a, b in ((0, n // 2), (n // 10, n // 2), (n // 3, n), (0, n), (5, 5)):
         ref = torch.zeros(n, dtype=torch.bool)
         ref[order[a:b]] = True
-        assert torch.equal(select_sorted_range(keys, a, b), ref), (a, b)
-    if n > 10_000:  # the case that needs the sort: it differs from the lowest-index choice
+        assert torch.equal(select_sorted_range(keys, a, b, "sort"), ref), (a, b)
+    if n > 10_000:  # here mergekit's unstable sort differs from the lowest-index choice
         stable = torch.zeros(n, dtype=torch.bool)
         stable[torch.sort(w, descending=True, stable=True).indices[: n // 3]] = True
-        assert not torch.equal(select_largest(keys, n // 3), stable)
+        assert not torch.equal(select_largest(keys, n // 3, "sort"), stable)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_topk_ties_by_index_follow_a_stable_sort(seed):
+    """tie_break: index (default): the first k of a stable sort, without sorting."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-6, 7, (1000,), generator=g).float() * 0.25  # many ties, zeros
+    w = x.abs()
+    keys = magnitude_keys(x)
+    for k in (0, 1, 7, 100, 333, 500, 999, 1000):
+        ref = torch.zeros(1000, dtype=torch.bool)
+        ref[torch.sort(w, descending=True, stable=True).indices[:k]] = True
+        assert torch.equal(select_largest(keys, k), ref)
+        ref = torch.zeros(1000, dtype=torch.bool)
+        ref[torch.sort(w, stable=True).indices[:k]] = True
+        assert torch.equal(select_smallest(keys, k), ref)
+    order = torch.sort(w, stable=True).indices
+    for a, b in ((0, 500), (100, 500), (333, 1000), (5, 5)):
+        ref = torch.zeros(1000, dtype=torch.bool)
+        ref[order[a:b]] = True
+        assert torch.equal(select_sorted_range(keys, a, b), ref), (a, b)
 
 
 def test_clean_cuts_need_no_sort(monkeypatch):
@@ -389,8 +411,8 @@ def test_clean_cuts_need_no_sort(monkeypatch):
     keys = magnitude_keys(x)
     ref = torch.zeros(10_000, dtype=torch.bool)
     ref[torch.topk(x.abs(), 123).indices] = True
-    assert torch.equal(select_largest(keys, 123), ref)
-    assert int(select_sorted_range(keys, 100, 9000).sum()) == 8900
+    assert torch.equal(select_largest(keys, 123, "sort"), ref)
+    assert int(select_sorted_range(keys, 100, 9000, "sort").sum()) == 8900
 
 
 def test_kth_smallest_key_matches_kthvalue_and_handles_specials():

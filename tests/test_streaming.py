@@ -130,18 +130,20 @@ def test_sliced_threshold_keeps_what_the_whole_tensor_keeps(density):
     assert torch.equal(got, magnitude(delta.clone(), density))
 
 
-def test_sliced_threshold_inside_a_tie_is_ambiguous():
-    """Equal magnitudes across the cut: only the whole tensor's sort can say which are kept."""
+def test_sliced_threshold_inside_a_tie_keeps_the_lowest_indices():
+    """Equal magnitudes across the cut: slice by slice, the first ones (in flat order) are kept,
+    exactly as on the whole tensor; the cut is flagged for tie_break: sort."""
     delta = torch.randint(-6, 7, (5003,), generator=torch.Generator().manual_seed(0)).float()
     threshold, slices = _sliced_threshold(delta, 0.5)
     assert threshold.ambiguous
-    with pytest.raises(ValueError, match="ambiguous"):
-        threshold.apply(slices[0])
+    got = torch.cat([threshold.apply(s) for s in slices])
+    assert torch.equal(got, magnitude(delta.clone(), 0.5))
+    assert threshold.ties_left == 0
 
 
-def test_ties_with_tied_magnitudes_merges_that_tensor_whole(llama_family, sliced, tmp_path, monkeypatch):
-    """A delta with many equal magnitudes: the sliced path falls back to the whole tensor and the
-    result keeps what torch.argsort keeps (mergekit's choice)."""
+def test_ties_with_tied_magnitudes_by_index_and_by_sort(llama_family, sliced, tmp_path, monkeypatch):
+    """A delta with many equal magnitudes: tie_break index streams it in slices and keeps the lowest
+    indices; tie_break sort merges that tensor whole and keeps what torch.argsort keeps (mergekit)."""
     from safetensors.torch import save_file
 
     f = llama_family
@@ -159,16 +161,19 @@ def test_ties_with_tied_magnitudes_merges_that_tensor_whole(llama_family, sliced
     whole = []
     original = executor._whole_unit
     monkeypatch.setattr(executor, "_whole_unit", lambda job, *a: (whole.append(job.name), original(job, *a))[1])
-    config = {"merge_method": "ties", "base_model": str(f["base"]),
-              "models": [{"model": str(tied), "parameters": {"weight": 1.0, "density": 0.4}}], "dtype": "float32"}
-    result, out = run_yaml(tmp_path, config)
-    assert result.exit_code == 0, result.output
-    assert name in whole
     d = (new[name] - b[name]).reshape(-1)
-    keep = torch.zeros(d.numel(), dtype=torch.bool)
-    keep[torch.argsort(d.abs(), descending=True)[: int(0.4 * d.numel())]] = True
-    expected = b[name] + (d * keep).reshape(b[name].shape)
-    assert torch.equal(weights(out)[name], expected)
+    k = int(0.4 * d.numel())
+    for tie_break, order in (("sort", torch.argsort(d.abs(), descending=True)),
+                             ("index", torch.sort(d.abs(), descending=True, stable=True).indices)):
+        whole.clear()
+        config = {"merge_method": "ties", "base_model": str(f["base"]), "parameters": {"tie_break": tie_break},
+                  "models": [{"model": str(tied), "parameters": {"weight": 1.0, "density": 0.4}}], "dtype": "float32"}
+        result, out = run_yaml(tmp_path, config, name=f"out-{tie_break}")
+        assert result.exit_code == 0, result.output
+        assert (name in whole) == (tie_break == "sort")   # index: streamed in slices all the same
+        keep = torch.zeros(d.numel(), dtype=torch.bool)
+        keep[order[:k]] = True
+        assert torch.equal(weights(out)[name], b[name] + (d * keep).reshape(b[name].shape)), tie_break
 
 
 # ---------------------------------------------------------------------------------------------

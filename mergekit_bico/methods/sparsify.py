@@ -42,7 +42,9 @@ __all__ = [
     "coerce_rescale",
     "kth_smallest_key",
     "select_largest",
+    "select_smallest",
     "select_sorted_range",
+    "TIE_BREAKS",
     "magnitude_keys",
     "magnitude",
     "magnitude_outliers",
@@ -127,70 +129,93 @@ def kth_smallest_key(keys: torch.Tensor, k: int) -> int:
     return _kth_smallest(keys, k)[0]
 
 
+TIE_BREAKS = ("index", "sort")
+
+
 def _sorted_positions(keys: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
     """Bool mask of the elements at sorted positions ``start:stop`` of ``|x|``, sorted exactly as
     mergekit 0.1.5 sorts (``torch.sort`` of the float32 magnitudes, whose order among equal
-    values is unspecified but deterministic). Only used where such ties decide the kept set."""
+    values is unspecified but deterministic for one torch build). ``tie_break: sort`` only."""
     order = torch.sort(keys.view(torch.float32), descending=descending).indices
     mask = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
     mask[order[start:stop]] = True
     return mask
 
 
-def _clean_cut(keys: torch.Tensor, k: int) -> Optional[int]:
-    """The k-th smallest key when exactly k keys are <= it (a cut after the k smallest needs no
-    tie-breaking), else None. k in [1, n]."""
-    key, _less, less_eq = _kth_smallest(keys, k)
-    return key if less_eq == k else None
+def _first_equal(mask: torch.Tensor, keys: torch.Tensor, key: int, count: int) -> torch.Tensor:
+    """Add to ``mask`` the ``count`` lowest-index elements whose key is ``key``."""
+    if count > 0:
+        mask[torch.nonzero(keys == key).reshape(-1)[:count]] = True
+    return mask
 
 
-def select_largest(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest keys: the set ``torch.argsort(|x|, descending=True)[:k]`` keeps
-    (mergekit's TIES), in O(n) by radix select; only when the k-th largest magnitude is tied across
-    the cut does it run that sort, so that the same tied elements are kept."""
+def _clean_cut(keys: torch.Tensor, k: int) -> bool:
+    """Whether a cut after the k smallest keys falls between two different keys (no tie to break)."""
+    n = keys.numel()
+    return k <= 0 or k >= n or _kth_smallest(keys, k)[2] == k
+
+
+def select_smallest(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k smallest keys, ties to the lower indices: the first k of a stable
+    ascending sort, by radix select (O(n))."""
     n = keys.numel()
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=keys.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=keys.device)
-    key = _clean_cut(keys, n - k)
-    if key is not None:
+    key, less, less_eq = _kth_smallest(keys, k)
+    if less_eq == k:
+        return keys <= key
+    return _first_equal(keys < key, keys, key, k - less)
+
+
+def select_largest(keys: torch.Tensor, k: int, tie_break: str = "index") -> torch.Tensor:
+    """Bool mask of the k largest keys (TIES' top-k magnitudes), by radix select (O(n), no sort).
+
+    Where the k-th largest magnitude is shared across the cut, ``tie_break`` decides which of the
+    equal elements are kept: ``index`` the lowest flat indices (a stable sort's choice; sliceable),
+    ``sort`` those ``torch.argsort(|x|, descending=True)[:k]`` keeps (mergekit 0.1.5's call: an
+    unstable sort, so this costs that sort of the whole tensor).
+    """
+    n = keys.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=keys.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=keys.device)
+    key, _less, less_eq = _kth_smallest(keys, n - k)   # the largest key dropped
+    if less_eq == n - k:
         return keys > key
-    return _sorted_positions(keys, 0, k, descending=True)
+    if tie_break == "sort":
+        return _sorted_positions(keys, 0, k, descending=True)
+    return _first_equal(keys > key, keys, key, k - (n - less_eq))
 
 
-def select_sorted_range(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Bool mask of ascending sorted positions ``start:stop`` (mergekit's
-    ``torch.sort(|x|).indices[start:stop]``), by radix select unless a cut falls inside a tie."""
+def select_sorted_range(keys: torch.Tensor, start: int, stop: int, tie_break: str = "index") -> torch.Tensor:
+    """Bool mask of ascending sorted positions ``start:stop`` (breadcrumbs); ties at a cut as in
+    :func:`select_largest` (``sort``: mergekit's ``torch.sort(|x|).indices[start:stop]``)."""
     n = keys.numel()
     start, stop = max(0, start), min(n, stop)
     if stop <= start:
         return torch.zeros(n, dtype=torch.bool, device=keys.device)
-    lower = None if start == 0 else _clean_cut(keys, start)
-    upper = None if stop == n else _clean_cut(keys, stop)
-    if (start > 0 and lower is None) or (stop < n and upper is None):
+    if tie_break == "sort" and not (_clean_cut(keys, start) and _clean_cut(keys, stop)):
         return _sorted_positions(keys, start, stop, descending=False)
-    mask = torch.ones(n, dtype=torch.bool, device=keys.device)
-    if lower is not None:
-        mask &= keys > lower
-    if upper is not None:
-        mask &= keys <= upper
-    return mask
+    return select_smallest(keys, stop) & ~select_smallest(keys, start)
 
 
 class MagnitudeThreshold:
     """Top-k magnitude pruning of a tensor processed in consecutive flat slices.
 
-    Built from the whole tensor's key histograms (:meth:`from_histograms`); when the cut is clean
-    (no tie at the k-th magnitude across it, ``ambiguous`` False), :meth:`apply` on the slices keeps
-    exactly the set :func:`magnitude` keeps for the whole tensor. An ambiguous cut needs the whole
-    tensor's sort (see :func:`select_largest`): the caller then merges the tensor whole.
+    Built from the whole tensor's key histograms (:meth:`from_histograms`); :meth:`apply` on the
+    slices, in order, keeps exactly the set ``select_largest(..., tie_break="index")`` keeps for
+    the whole tensor (keys above the largest dropped key, plus the first ``ties_left`` elements
+    equal to it). ``ambiguous``: the cut falls inside a run of equal magnitudes, where
+    ``tie_break: sort`` needs the whole tensor's sort (the caller then merges it whole).
     """
 
-    __slots__ = ("key", "ambiguous")
+    __slots__ = ("key", "ties_left", "ambiguous")
 
-    def __init__(self, key: int, ambiguous: bool = False) -> None:
-        self.key, self.ambiguous = key, ambiguous
+    def __init__(self, key: int, ties_left: int = 0) -> None:
+        self.key, self.ties_left, self.ambiguous = key, ties_left, ties_left > 0
 
     @staticmethod
     def high_histogram(keys: torch.Tensor) -> torch.Tensor:
@@ -210,11 +235,11 @@ class MagnitudeThreshold:
 
     @classmethod
     def from_histograms(cls, low_hist: torch.Tensor, digit: int, below: int, numel: int, k: int) -> "MagnitudeThreshold":
-        """Keep the k largest of ``numel`` keys (1 <= k < numel): keys above the (numel-k)-th smallest."""
+        """Keep the k largest of ``numel`` keys (1 <= k < numel)."""
         counts = low_hist.cumsum(0)
         low_digit = int(torch.searchsorted(counts, torch.tensor(numel - k - below)))
         less_eq = below + int(counts[low_digit])
-        return cls((digit << 16) | low_digit, ambiguous=less_eq != numel - k)
+        return cls((digit << 16) | low_digit, ties_left=k - (numel - less_eq))
 
     @classmethod
     def drop_all(cls) -> "MagnitudeThreshold":
@@ -223,9 +248,13 @@ class MagnitudeThreshold:
 
     def apply(self, delta: torch.Tensor) -> torch.Tensor:
         """Zero the dropped entries of this slice of the delta, in place."""
-        if self.ambiguous:
-            raise ValueError("an ambiguous top-k cut cannot be applied slice by slice")
-        return delta.mul_((magnitude_keys(delta) > self.key).reshape(delta.shape))
+        keys = magnitude_keys(delta)
+        mask = keys > self.key
+        if self.ties_left > 0:
+            before = int(mask.sum())
+            _first_equal(mask, keys, self.key, self.ties_left)
+            self.ties_left -= int(mask.sum()) - before
+        return delta.mul_(mask.reshape(delta.shape))
 
 
 # ------------------------------------------------------------------------- rescale
@@ -274,7 +303,7 @@ def _uniform(
 
 
 def magnitude(
-    tensor: torch.Tensor, density: float, rescale: str = "none", inplace: bool = False
+    tensor: torch.Tensor, density: float, rescale: str = "none", inplace: bool = False, tie_break: str = "index"
 ) -> torch.Tensor:
     """Keep the ``max(1, int(density * numel))`` largest-magnitude entries (TIES).
 
@@ -286,14 +315,14 @@ def magnitude(
     if density <= 0 or tensor.numel() == 0:
         return tensor.zero_() if inplace else torch.zeros_like(tensor)
     k = max(1, int(density * tensor.numel()))
-    mask = select_largest(magnitude_keys(tensor), k).reshape(tensor.shape)
+    mask = select_largest(magnitude_keys(tensor), k, tie_break).reshape(tensor.shape)
     if inplace and rescale == "none":
         return tensor.mul_(mask)  # x * 1 / x * 0, as mergekit's float mask
     return _apply_mask(tensor, mask.to(tensor.dtype), rescale, density)
 
 
 def magnitude_outliers(
-    tensor: torch.Tensor, density: float, rescale: str = "none", gamma: float = 0.01
+    tensor: torch.Tensor, density: float, rescale: str = "none", gamma: float = 0.01, tie_break: str = "index"
 ) -> torch.Tensor:
     """Model Breadcrumbs: drop the ``int(gamma*n)`` largest-magnitude entries and
     the smallest ones, keeping ``int(density*n)`` entries (outlier removal is
@@ -304,7 +333,7 @@ def magnitude_outliers(
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    mask = select_sorted_range(magnitude_keys(tensor), n_bot, n_bot + target)
+    mask = select_sorted_range(magnitude_keys(tensor), n_bot, n_bot + target, tie_break)
     return _apply_mask(tensor, mask.reshape(tensor.shape).to(tensor.dtype), rescale, density)
 
 
@@ -378,12 +407,13 @@ def sparsify(
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
     inplace: bool = False,
+    tie_break: str = "index",
 ) -> torch.Tensor:
     """Sparsified ``tensor``; with ``inplace`` the result may be ``tensor`` itself, modified."""
     if method == "magnitude":
-        return magnitude(tensor, density, rescale, inplace=inplace)
+        return magnitude(tensor, density, rescale, inplace=inplace, tie_break=tie_break)
     if method == "magnitude_outliers":
-        return magnitude_outliers(tensor, density, rescale, gamma)
+        return magnitude_outliers(tensor, density, rescale, gamma, tie_break=tie_break)
     if method == "random":
         return bernoulli(tensor, density, rescale, generator)
     if method == "della_magprune":

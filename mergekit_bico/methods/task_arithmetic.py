@@ -35,7 +35,7 @@ from mergekit_bico.methods.registry import (
     check_finite,
     register,
 )
-from mergekit_bico.methods.sparsify import coerce_rescale, sparsify
+from mergekit_bico.methods.sparsify import TIE_BREAKS, coerce_rescale, sparsify
 
 __all__ = ["generalized_task_arithmetic", "sign_consensus_mask", "GTA_METHODS"]
 
@@ -75,6 +75,7 @@ def generalized_task_arithmetic(
     lambda_: float = 1.0,
     generator: torch.Generator | None = None,
     thresholds: Sequence[Any] | None = None,
+    tie_break: str = "index",
 ) -> torch.Tensor:
     """Merge task vectors ``tensors[i] - base`` (see the module docstring).
 
@@ -106,6 +107,7 @@ def generalized_task_arithmetic(
                 epsilon=epsilon[index] if epsilon is not None else 0.15,
                 generator=generator,
                 inplace=True,
+                tie_break=tie_break,
             )
             if kept is not delta:
                 delta.copy_(kept)
@@ -159,6 +161,7 @@ def _make_fn(sparsification: str | None, consensus: str | None):
             rescale=params["rescale"],
             lambda_=params["lambda"],
             generator=generator,
+            tie_break=params.get("tie_break", "index"),
         )
 
     return fn
@@ -200,6 +203,12 @@ def _params(
         ParamSpec("int8_mask", bool, "global", default=False,
                   doc="accepted for mergekit compatibility; masks are always int8/bool"),
     ]
+    if sparsification in ("magnitude", "magnitude_outliers"):
+        params.append(ParamSpec(
+            "tie_break", str, "global", default="index",
+            check=lambda v: None if v in TIE_BREAKS else f"must be one of {', '.join(TIE_BREAKS)}",
+            doc="equal magnitudes at the top-k cut: 'index' keeps the lowest flat indices (O(n), streams); "
+                "'sort' keeps those mergekit 0.1.5's torch.argsort keeps (bit-identical output, costs its sort)"))
     if sparsification == "magnitude_outliers":
         params.append(ParamSpec(
             "gamma", float, "model", default=0.01,
