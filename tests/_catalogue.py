@@ -400,16 +400,9 @@ def _(w: World, d: Path) -> Run:
 
 @case("model-lacks-tensor", "model", "a model lacking a tensor the base has", tests="test_cli_errors.py::test_model_lacking_a_tensor")
 def _(w: World, d: Path) -> Run:
-    from safetensors.torch import load_file, save_file
+    from tests._tiny import copy_without_tensor
 
-    bad = copy_model(w.ft2, d / "ft2-missing")
-    index = json.loads((bad / "model.safetensors.index.json").read_text())
-    name = "model.layers.1.mlp.up_proj.weight"
-    shard = bad / index["weight_map"].pop(name)
-    tensors = load_file(str(shard))
-    del tensors[name]
-    save_file(tensors, str(shard), metadata={"format": "pt"})
-    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    bad = copy_without_tensor(w.ft2, d / "ft2-missing", "model.layers.1.mlp.up_proj.weight")
     cfg = w.ties()
     cfg["models"][1]["model"] = str(bad)
     return Run(config=cfg)

@@ -159,3 +159,20 @@ def write_txt(path: str | Path, lines: Iterable[str]) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return p
+
+
+def copy_without_tensor(src: Path, dst: Path, name: str) -> Path:
+    """A copy of the sharded model ``src`` at ``dst`` lacking tensor ``name`` (shard and index)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    shard = dst / index["weight_map"].pop(name)
+    tensors = load_file(str(shard))
+    del tensors[name]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+

@@ -90,16 +90,10 @@ def test_missing_model_path(llama_family, tmp_path):
 
 
 def test_model_lacking_a_tensor(llama_family, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from tests._tiny import copy_without_tensor
 
-    bad = copy_model(llama_family["ft2"], tmp_path / "ft2-missing")
-    index = json.loads((bad / "model.safetensors.index.json").read_text())
     name = "model.layers.1.mlp.up_proj.weight"
-    shard = bad / index["weight_map"].pop(name)
-    tensors = load_file(str(shard))
-    del tensors[name]
-    save_file(tensors, str(shard), metadata={"format": "pt"})
-    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    bad = copy_without_tensor(llama_family["ft2"], tmp_path / "ft2-missing", name)
     cfg = ties(llama_family)
     cfg["models"][1]["model"] = str(bad)
     expect_error(tmp_path, cfg, needle=name, code=1)

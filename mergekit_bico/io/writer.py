@@ -440,7 +440,8 @@ class StreamingShardedWriter:
         finally:
             os.close(fd)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def _slot(self, name: str) -> tuple[int, int, torch.dtype, tuple[int, ...], int]:
+        """(shard, offset, dtype, shape, nbytes) of a planned tensor not written yet."""
         if self._finished:
             raise OutputError(f"cannot add tensor '{name}': the writer for '{self.out_dir}' is finished")
         slot = self._slots.get(name)
@@ -448,6 +449,10 @@ class StreamingShardedWriter:
             raise OutputError(f"output tensor '{name}' was not planned (writer for '{self.out_dir}')")
         if name in self._written:
             raise OutputError(f"output tensor '{name}' was written twice (to '{self.out_dir}')")
+        return slot
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self._slot(name)
         if not isinstance(tensor, torch.Tensor):
             raise OutputError(f"output tensor '{name}' is a {type(tensor).__name__}, not a torch.Tensor")
         index, offset, dtype, shape, nbytes = slot
@@ -478,14 +483,7 @@ class StreamingShardedWriter:
         The tensor counts as added once all its elements have been written (parts must not
         overlap); lets a caller merge a big tensor in slices without ever holding all of it.
         """
-        if self._finished:
-            raise OutputError(f"cannot add tensor '{name}': the writer for '{self.out_dir}' is finished")
-        slot = self._slots.get(name)
-        if slot is None:
-            raise OutputError(f"output tensor '{name}' was not planned (writer for '{self.out_dir}')")
-        if name in self._written:
-            raise OutputError(f"output tensor '{name}' was written twice (to '{self.out_dir}')")
-        index, offset, dtype, shape, nbytes = slot
+        index, offset, dtype, shape, nbytes = self._slot(name)
         t = part.detach()
         if t.dtype != dtype:
             raise OutputError(f"part of output tensor '{name}' is {t.dtype}, but {dtype} was planned")

@@ -33,7 +33,7 @@ Rescaling (parameter ``rescale`` of the task-arithmetic family)
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
