@@ -203,3 +203,32 @@ def test_eigh_path_equals_the_svd_path(monkeypatch, shape, rank):
     eye = torch.eye(k, dtype=torch.float64)
     gram = got.r.T @ got.r if shape[0] >= shape[1] else got.r @ got.r.T
     torch.testing.assert_close(gram, eye, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("eigh", [False, True])
+@pytest.mark.parametrize("shape", [(40, 40), (50, 36), (36, 50)])
+@pytest.mark.parametrize("rank", [39, 33, 20, 1])
+def test_fast_completion_equals_complete_qr(monkeypatch, eigh, shape, rank):
+    """The unseen directions' bases come from the SVD / eigh tails or from projecting the other
+    side's tail (thin QRs) instead of two complete QRs: the same map, exactly (semi-)orthogonal."""
+    from mergekit_bico.transfer import procrustes as pr
+
+    rank = min(rank, min(shape) - 1)
+    gen = torch.Generator().manual_seed(rank)
+    c = torch.randn(shape[0], rank, generator=gen, dtype=torch.float64) @ torch.randn(rank, shape[1], generator=gen, dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(c, full_matrices=False)
+    ref = pr._complete(c, u, vh, rank)                  # complements from complete QRs
+    if eigh:
+        monkeypatch.setattr(pr, "EIGH_MIN_DIM", 1)
+    complete_qrs = []
+    real = pr._complement
+    monkeypatch.setattr(pr, "_complement", lambda b: complete_qrs.append(b.shape) or real(b))
+    got = pr.procrustes(c, rtol=1e-7)
+    assert got.rank == rank
+    if shape[0] == shape[1]:
+        assert complete_qrs == []                       # square: both sides without a complete QR
+    else:
+        assert len(complete_qrs) <= 1                   # the larger side when widths differ
+    torch.testing.assert_close(got.r, ref, rtol=0, atol=1e-9)
+    gram = got.r.T @ got.r if shape[0] >= shape[1] else got.r @ got.r.T
+    torch.testing.assert_close(gram, torch.eye(min(shape), dtype=torch.float64), rtol=0, atol=1e-10)

@@ -74,20 +74,56 @@ def _complement(basis: torch.Tensor) -> torch.Tensor:
     return q[:, r:]
 
 
-def _complete(c: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, rank: int) -> torch.Tensor:
+def _complement_from(basis: torch.Tensor, hint: torch.Tensor) -> Optional[torch.Tensor]:
+    """Orthonormal basis of the complement of ``basis`` (d, r) spanned by the projections of the
+    ``d - r`` columns of ``hint`` (d, d - r), or None when those projections are close to
+    dependent. Two thin QRs of a (d, d - r) matrix instead of a complete (d, d) one."""
+    d, r = basis.shape
+    if hint.shape != (d, d - r):
+        return None
+    y = hint - basis @ (basis.T @ hint)
+    y = y - basis @ (basis.T @ y)           # re-orthogonalise (one pass loses ~eps * cond)
+    q, rr = torch.linalg.qr(y)
+    if float(rr.diagonal().abs().min()) < 1e-3:
+        return None
+    q = q - basis @ (basis.T @ q)
+    return torch.linalg.qr(q)[0]
+
+
+def _complete(c: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, rank: int, *,
+              u_full: bool = False, v_full: bool = False) -> torch.Tensor:
     """R = U_r V_r^T + N_A W N_B^T with N the orthonormal complements of the informative singular
     vectors and W the polar factor of N_A^T I N_B (closest-to-identity completion; independent of
-    which orthonormal bases of the complements are used)."""
+    which orthonormal bases of the complements are used).
+
+    ``u_full`` / ``v_full``: ``u`` (d_A, d_A) / ``vh`` (d_B, d_B) hold a complete orthonormal basis
+    (square SVD, or the eigenvectors of the eigh path): the complement is its tail, no QR. The
+    other side's complement comes from projecting the first side's (through ``I``) when those
+    projections are independent, from a complete QR otherwise."""
     d_a, d_b = c.shape
     ur, vr = u[:, :rank], vh[:rank, :].T
     r = ur @ vr.T
     if min(d_a, d_b) > rank:
-        n_a, n_b = _complement(ur), _complement(vr)
+        n_a = u[:, rank:] if u_full and u.shape[1] == d_a else None
+        n_b = vh[rank:, :].T if v_full and vh.shape[0] == d_b else None
+        if n_a is None and n_b is not None:
+            n_a = _complement_from(ur, _identity_rows(n_b, d_a))
+        if n_b is None and n_a is not None:
+            n_b = _complement_from(vr, _identity_rows(n_a, d_b))
+        n_a = _complement(ur) if n_a is None else n_a
+        n_b = _complement(vr) if n_b is None else n_b
         w = n_a.T[:, :d_b] @ n_b[:d_a, :]            # N_A^T I_{d_a x d_b} N_B
         if float(w.abs().max()) == 0.0:             # identity prior says nothing either: any completion
             w = torch.eye(*w.shape, dtype=c.dtype, device=c.device)
         r = r + n_a @ polar(w) @ n_b.T
     return r
+
+
+def _identity_rows(n: torch.Tensor, d: int) -> torch.Tensor:
+    """``I_{d x len(n)} n``: the rows of ``n`` cut or zero-padded to ``d``."""
+    if n.shape[0] >= d:
+        return n[:d]
+    return torch.cat([n, n.new_zeros(d - n.shape[0], n.shape[1])])
 
 
 def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> list[ProcrustesFit]:
@@ -99,18 +135,21 @@ def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> list[P
     if c.dim() == 2:
         c = c.unsqueeze(0)
     c = c.to(torch.float64)
-    if min(c.shape[1:]) >= EIGH_MIN_DIM:
+    d_a, d_b = c.shape[1:]
+    if min(d_a, d_b) >= EIGH_MIN_DIM:
         u, s, vh = _svd_by_eigh(c)
         rtol = max(rtol, EIGH_RTOL)
+        u_full, v_full = d_a < d_b, d_a >= d_b     # the eigenvectors' side is complete
     else:
         u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        u_full, v_full = d_a <= d_b, d_b <= d_a    # thin SVD: the smaller side is complete
     fits: list[ProcrustesFit] = []
     for i in range(c.shape[0]):
         s_i = s[i]
         smax = float(s_i[0]) if s_i.numel() else 0.0
         rank = int((s_i > rtol * smax).sum()) if smax > 0 else 0
         if rank < s_i.numel():
-            r_i = _complete(c[i], u[i], vh[i], rank)
+            r_i = _complete(c[i], u[i], vh[i], rank, u_full=u_full, v_full=v_full)
         else:
             r_i = u[i] @ vh[i]
         fits.append(ProcrustesFit(r=r_i, singular_values=s_i, rank=rank, trace_rc=float((r_i * c[i]).sum())))
