@@ -54,13 +54,17 @@ wordnet:
 	  mkdir -p .cache/wordnet && cd .cache/wordnet && apt-get download wordnet-base && dpkg -x wordnet-base_*.deb .; \
 	fi
 
+# the transfer run the README reports (~1.5 h on 2 cores); `make bench TRANSFER_ARGS=` runs the
+# whole protocol (3 tasks x 4 settings, 3 seeds of real, few-shot everywhere: ~5 h here)
+TRANSFER_ARGS ?= --tasks wordnet subjectivity --other-tasks wordnet --seeds 0 --fewshot-settings real reverse version
+
 bench: $(STAMP_BENCH) wordnet
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 	$(PY) -m benchmarks.merge_speed
 	$(PY) -m benchmarks.fisher_cost
 	$(PY) -m benchmarks.bico_cost
 	$(PY) -m benchmarks.load
-	$(PY) -m benchmarks.transfer
+	$(PY) -m benchmarks.transfer $(TRANSFER_ARGS)
 	$(PY) -m benchmarks.readme_tables
 
 clean:

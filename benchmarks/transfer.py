@@ -63,6 +63,13 @@ WEIGHTS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 CALIBRATION_SIZES = (32, 128, 512)
 MAIN_SIZE = 128
 COMPOSE_TASKS = ("subjectivity", "wordnet")
+# continued-training steps of the widened model (the `version` model gets 400): a step of the
+# 768-wide model costs ~4x one of the 384-wide, 400 of them would take ~50 min on 2 cores
+WIDTH_CONTINUED_STEPS = 100
+# composition: TIES / DARE-TIES density and the merged delta's scale (lambda) chosen on the mean
+# validation accuracy of the two tasks (task arithmetic: lambda only)
+COMPOSE_DENSITIES = (0.2, 0.5, 0.8)
+COMPOSE_LAMBDAS = (0.5, 0.75, 1.0, 1.5)
 TASKS = ("sentiment", "subjectivity", "wordnet")
 SETTINGS = ("real", "reverse", "version", "width")
 UNIT_VERSION = "transfer-unit-v1"
@@ -113,7 +120,7 @@ def setting_models(setting: str) -> tuple[Path, Path]:
     if setting == "version":
         return a, variants.continued_dir(a)
     if setting == "width":
-        return a, variants.widened_dir(a)
+        return a, variants.widened_dir(a, variants.ContinuedSettings(steps=WIDTH_CONTINUED_STEPS))
     raise ValueError(f"unknown setting {setting!r}; use one of {', '.join(SETTINGS)}")
 
 
@@ -125,8 +132,9 @@ def same_shapes(a: Path, b: Path) -> bool:
     from mergekit_bico.io.loader import LazyModel
 
     def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-        with LazyModel(folder) as m:
-            return {re.sub(r"\.layer\.\d+\.", ".layer.*.", n): tuple(m.shape(n)) for n in m.keys()}
+        with LazyModel(folder) as m:      # weights only: integer buffers (position_ids) are kept from the target
+            return {re.sub(r"\.layer\.\d+\.", ".layer.*.", n): tuple(m.shape(n)) for n in m.keys()
+                    if m.dtype(n).is_floating_point}
 
     sa, sb = shapes(a), shapes(b)
     return all(sa.get(n) == shape for n, shape in sb.items())
@@ -332,30 +340,42 @@ def run_composition(setting: str, seed: int, source: Path, target: Path, budget:
     tasks = COMPOSE_TASKS
     parts = {"setting": setting, "seed": seed, "task": "+".join(tasks), "method": "compose",
              "source": ft.model_fingerprint(source), "target": ft.model_fingerprint(target), "budget": budget,
-             "weights": {t: singles[t]["weight"] for t in tasks}}
+             "weights": {t: singles[t]["weight"] for t in tasks},
+             "grid": {"densities": COMPOSE_DENSITIES, "lambdas": COMPOSE_LAMBDAS}}
 
     def compute() -> dict[str, Any]:
-        from benchmarks.realmodels import zeroshot as zs
-
         ctxs = {t: Context(setting, t, seed, source, target, budget, {}, log) for t in tasks}
         out: dict[str, Any] = {}
-        for merge, extra in (("task_arithmetic", {}), ("ties", {"density": 0.5}), ("dare_ties", {"density": 0.5})):
-            models = []
-            for t in tasks:
-                models.append({
-                    "model": str(ctxs[t].expert().path),
-                    "transfer": {"method": "bico", "source_base": str(source),
-                                 "calibration": calibration_block(t, ctxs[t].calibration(MAIN_SIZE), MAIN_SIZE)},
-                    "parameters": {"weight": singles[t]["weight"], **extra}})
-            config = {"merge_method": merge, "base_model": str(target), "models": models, "dtype": "float32"}
-            if merge != "task_arithmetic":
-                config["parameters"] = {"normalize": False}
-            log(f"  {setting}/compose/seed{seed}: {merge}")
-            merged, seconds = run_cli(config, ctxs[tasks[0]].folder(f"compose-{merge}"), "--random-seed", str(seed))
-            model, tok = zs.load_model(merged)
-            out[merge] = {t: zs.evaluate(model, t, "test", tokenizer=tok) for t in tasks}
-            out[merge]["cli_seconds"] = round(seconds, 1)
-            shutil.rmtree(merged, ignore_errors=True)
+        for merge, densities in (("task_arithmetic", (None,)), ("ties", COMPOSE_DENSITIES), ("dare_ties", COMPOSE_DENSITIES)):
+            grid: dict[str, float] = {}
+            candidates = []
+            seconds = 0.0
+            for density in densities:
+                extra = {} if density is None else {"density": density}
+                models = []
+                for t in tasks:
+                    models.append({
+                        "model": str(ctxs[t].expert().path),
+                        "transfer": {"method": "bico", "source_base": str(source),
+                                     "calibration": calibration_block(t, ctxs[t].calibration(MAIN_SIZE), MAIN_SIZE)},
+                        "parameters": {"weight": singles[t]["weight"], **extra}})
+                config = {"merge_method": merge, "base_model": str(target), "models": models, "dtype": "float32"}
+                if merge != "task_arithmetic":
+                    config["parameters"] = {"normalize": False}
+                log(f"  {setting}/compose/seed{seed}: {merge}" + ("" if density is None else f", density {density}"))
+                name = f"compose-{merge}" + ("" if density is None else f"-d{density}")
+                merged, sec = run_cli(config, ctxs[tasks[0]].folder(name), "--random-seed", str(seed))
+                seconds += sec
+                # lambda scales the merged delta linearly: every scale is evaluated without another merge
+                scaled = Scaled(target, merged)
+                vals = {lam: statistics.fmean(scaled.accuracy(lam, t, "validation") for t in tasks) for lam in COMPOSE_LAMBDAS}
+                grid.update({f"density={density},lambda={lam}": v for lam, v in vals.items()})
+                lam = max(COMPOSE_LAMBDAS, key=lambda x: (vals[x], -abs(x - 1.0)))
+                candidates.append((vals[lam], density, lam, {t: scaled.accuracy(lam, t, "test") for t in tasks}))
+                shutil.rmtree(merged, ignore_errors=True)
+            val, density, lam, test = max(candidates, key=lambda c: c[0])      # first best: the lower density
+            out[merge] = {**test, "density": density, "lambda": lam, "validation": val,
+                          "validation_grid": grid, "cli_seconds": round(seconds, 1)}
         return out
 
     return cached_unit("compose", parts, compute)
@@ -372,7 +392,7 @@ class Plan:
     seeds: dict[str, tuple[int, ...]]     # per setting
     sizes: tuple[int, ...]
     compose: bool
-    fewshot: bool
+    fewshot: tuple[str, ...]             # settings with the few-shot baseline
     ablations: bool
     budget: dict[str, Any] = field(default_factory=dict)
     fewshot_settings: dict[str, Any] = field(default_factory=dict)
@@ -394,7 +414,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     other = tuple(args.other_seeds) if args.other_seeds else seeds[:1]
     sizes = tuple(args.sizes) if args.sizes else ((MAIN_SIZE,) if args.quick else CALIBRATION_SIZES)
     return Plan(settings, {s: (tasks if s == "real" else other_tasks) for s in settings}, {s: (seeds if s == "real" else other) for s in settings}, sizes,
-                compose=not args.quick and not args.no_compose, fewshot=not args.no_fewshot,
+                compose=not args.quick and not args.no_compose,
+                fewshot=() if args.no_fewshot else tuple(args.fewshot_settings or settings),
                 ablations=not args.no_ablations,
                 budget={"steps": args.steps, "batch_size": args.batch_size},
                 fewshot_settings={"lrs": (3e-5, 1e-4), "max_epochs": 8})
@@ -416,7 +437,7 @@ def run(plan: Plan, log: Any = print) -> dict[str, Any]:
                 ablate = plan.ablations and setting == "real" and seed == seeds[0]
                 for m in methods_for(plan.sizes, ablate):
                     row["methods"][m.name] = run_transfer(ctx, m, compatible)
-                if plan.fewshot:
+                if setting in plan.fewshot:
                     row["methods"]["fewshot-128"] = run_fewshot(ctx)
                 singles[task] = row["methods"][f"bico-{MAIN_SIZE}"]
                 units.append(row)
@@ -465,6 +486,17 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                                     "weights": [r.get("weight") for _, r in done]}
         rows.append(row)
     return {"rows": rows}
+
+
+def unit_minutes(results: dict[str, Any]) -> float:
+    """Sum of the recorded compute time of every unit behind a report (references, transfers,
+    few-shot runs, compositions)."""
+    total = 0.0
+    for u in results["units"]:
+        total += u.get("unit_seconds") or 0.0                      # the references unit
+        total += sum(m.get("unit_seconds") or 0.0 for m in u["methods"].values())
+    total += sum(c.get("unit_seconds") or 0.0 for c in results["compose"])
+    return total / 60
 
 
 def check_targets(summary: dict[str, Any], compose: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -521,7 +553,9 @@ def render(report: dict[str, Any]) -> str:
         "# Transfer benchmark: BiCo vs baselines on real pretrained encoders",
         "",
         f"Command: `{report['command']}`  ",
-        f"Started {report['started']}, finished {report['finished']} ({report['wall_minutes']:.0f} min)  ",
+        f"Started {report['started']}, finished {report['finished']} ({report['wall_minutes']:.0f} min in this "
+        f"invocation; the units behind the table took {report.get('compute_minutes', 0):.0f} min of compute, most "
+        "read from the cache)  ",
         f"Machine: {report['machine']}",
         "",
         "Test accuracy (%) of the zero-shot head, mean ± std over seeds; the transfer weight is chosen on "
@@ -529,7 +563,9 @@ def render(report: dict[str, Any]) -> str:
         "(target fine-tuned - target zero-shot). `bico-N`: N labelled calibration examples; the other "
         f"calibrated methods use {MAIN_SIZE}; `fewshot-128`: the target fine-tuned on those {MAIN_SIZE} examples. "
         "Settings: real = all-MiniLM-L6-v2 -> paraphrase-MiniLM-L3-v2; reverse = L3 -> L6; version = L6 -> L6 "
-        "after continued training; width = L6 -> L6 widened to 768 and continued-trained. The columns after "
+        "after continued training (400 steps); width = L6 -> L6 widened to 768 and continued-trained "
+        f"({WIDTH_CONTINUED_STEPS} steps). `naive` and `gradfix` need equal shapes (not width). An empty cell: "
+        "not run (see the command). The columns after "
         "`fewshot-128` are ablations, run on the first seed of setting real: other calibration sizes, `scale: norms`, "
         "`tie_maps: true` and `output_space: combined`.",
         "",
@@ -551,12 +587,16 @@ def render(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if report["results"]["compose"]:
         lines += ["", f"## Composition ({' + '.join(COMPOSE_TASKS)}, setting real, BiCo-{MAIN_SIZE} transfers)", "",
-                  "| seed | merge | " + " | ".join(f"{t} (single / composed)" for t in COMPOSE_TASKS) + " |",
-                  "|---|---|" + "---|" * len(COMPOSE_TASKS)]
+                  "Each expert keeps the weight chosen for it alone; TIES / DARE-TIES `density` from "
+                  f"{list(COMPOSE_DENSITIES)} and the merged delta's `lambda` from {list(COMPOSE_LAMBDAS)} (task "
+                  "arithmetic: `lambda` only) are chosen on the two tasks' mean validation accuracy.", "",
+                  "| seed | merge | density | lambda | " + " | ".join(f"{t} (zero-shot / single / composed)" for t in COMPOSE_TASKS) + " |",
+                  "|---|---|---|---|" + "---|" * len(COMPOSE_TASKS)]
         for c in report["results"]["compose"]:
             for merge in ("task_arithmetic", "ties", "dare_ties"):
-                lines.append(f"| {c['seed']} | {merge} | " + " | ".join(
-                    f"{100 * c['singles'][t]:.1f} / {100 * c[merge][t]:.1f}" for t in COMPOSE_TASKS) + " |")
+                m = c[merge]
+                lines.append(f"| {c['seed']} | {merge} | {m.get('density') or '-'} | {m.get('lambda', 1.0)} | " + " | ".join(
+                    f"{100 * c['zero_shot'][t]:.1f} / {100 * c['singles'][t]:.1f} / {100 * m[t]:.1f}" for t in COMPOSE_TASKS) + " |")
     lines += ["", "## Targets", "", "| check | value | target | result |", "|---|---|---|---|"]
     lines += [f"| {c['check']} | {c['value']} | {c['target']} | {c['result']} |" for c in report["checks"]]
     if report.get("notes"):
@@ -585,7 +625,7 @@ def plot(report: dict[str, Any], path: Path) -> Optional[str]:
         ys, es = [], []
         for r in rows:
             v = r["methods"].get(m, {})
-            ys.append(100 * v["recovery"][0] if "recovery" in v else 0.0)
+            ys.append(100 * v["recovery"][0] if "recovery" in v else float("nan"))   # not run: no bar
             es.append(100 * v["recovery"][1] if "recovery" in v else 0.0)
         ax.bar([i + k * width for i in range(len(rows))], ys, width, yerr=es, label=m, capsize=2)
     ax.axhline(100, color="black", lw=0.8, ls="--")
@@ -615,6 +655,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-compose", action="store_true")
     p.add_argument("--no-fewshot", action="store_true")
+    p.add_argument("--fewshot-settings", nargs="+", choices=SETTINGS,
+                   help="settings that get the few-shot baseline (default: all; it is the dearest unit)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--results", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
@@ -631,14 +673,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = run(plan)
     summary = summarise(results)
     report = {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "benchmarks.transfer", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.transfer", *(argv if argv is not None else sys.argv[1:])]),
         "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_minutes": (time.perf_counter() - t0) / 60,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads, Python {platform.python_version()}",
         "plan": dataclasses.asdict(plan), "weights": WEIGHTS, "results": results, "summary": summary,
         "notes": [f"wall time includes cached work: units already under {cache_root() / 'transfer' / 'units'} are read, not recomputed"],
+        "compute_minutes": unit_minutes(results),
     }
+    report["notes"].append(f"compute of all the units in this report, whether computed in this run or read from the cache: "
+                           f"{report['compute_minutes']:.0f} min (fine-tunes, transfers, evaluations; without building "
+                           "the `version` / `width` base models)")
     report["checks"] = check_targets(summary, results["compose"])
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
