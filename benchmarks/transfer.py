@@ -66,10 +66,14 @@ COMPOSE_TASKS = ("subjectivity", "wordnet")
 # continued-training steps of the widened model (the `version` model gets 400): a step of the
 # 768-wide model costs ~4x one of the 384-wide, 400 of them would take ~50 min on 2 cores
 WIDTH_CONTINUED_STEPS = 100
-# composition: TIES / DARE-TIES density and the merged delta's scale (lambda) chosen on the mean
-# validation accuracy of the two tasks (task arithmetic: lambda only)
+# composition: the experts' relative weights (factors on the weight each got alone, in the order of
+# COMPOSE_TASKS), TIES / DARE-TIES density and the merged delta's scale (lambda) are chosen together
+# on validation, to maximise the smaller of the tasks' kept gains (the composition target's own
+# measure), then the mean validation accuracy (task arithmetic: no density)
+COMPOSE_SCALES = ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5))
 COMPOSE_DENSITIES = (0.2, 0.5, 0.8)
 COMPOSE_LAMBDAS = (0.5, 0.75, 1.0, 1.5)
+COMPOSE_RULE = "max-min-kept-validation-gain"
 TASKS = ("sentiment", "subjectivity", "wordnet")
 SETTINGS = ("real", "reverse", "version", "width")
 UNIT_VERSION = "transfer-unit-v1"
@@ -194,6 +198,12 @@ class Scaled:
         from benchmarks.realmodels import zeroshot as zs
 
         return zs.evaluate(self.at(w), task, split, tokenizer=self.tok)
+
+
+def kept_gain(composed: float, zero_shot: float, single: float) -> float:
+    """Share of a single transfer's gain over the target zero-shot that a composed model keeps."""
+    gain = single - zero_shot
+    return (composed - zero_shot) / gain if abs(gain) > 1e-9 else float("nan")
 
 
 def choose_weight(scaled: Scaled, task: str, weights: tuple[float, ...] = WEIGHTS) -> tuple[float, dict[str, float]]:
@@ -334,48 +344,65 @@ def run_fewshot(ctx: Context) -> dict[str, Any]:
 
 def run_composition(setting: str, seed: int, source: Path, target: Path, budget: dict[str, Any],
                     singles: dict[str, dict[str, Any]], log: Any) -> dict[str, Any]:
-    """Two BiCo-transferred experts in one config: task arithmetic, TIES and DARE-TIES."""
+    """Two BiCo-transferred experts in one config: task arithmetic, TIES and DARE-TIES, each with its
+    relative weights, density and lambda chosen on validation (see ``COMPOSE_RULE``)."""
     from benchmarks.realmodels import finetune as ft
 
     tasks = COMPOSE_TASKS
     parts = {"setting": setting, "seed": seed, "task": "+".join(tasks), "method": "compose",
              "source": ft.model_fingerprint(source), "target": ft.model_fingerprint(target), "budget": budget,
              "weights": {t: singles[t]["weight"] for t in tasks},
-             "grid": {"densities": COMPOSE_DENSITIES, "lambdas": COMPOSE_LAMBDAS}}
+             "grid": {"scales": COMPOSE_SCALES, "densities": COMPOSE_DENSITIES, "lambdas": COMPOSE_LAMBDAS},
+             "select": COMPOSE_RULE}
 
     def compute() -> dict[str, Any]:
         ctxs = {t: Context(setting, t, seed, source, target, budget, {}, log) for t in tasks}
+        single_val = {t: singles[t]["validation"][str(singles[t]["weight"])] for t in tasks}
+        zero_val: dict[str, float] = {}
         out: dict[str, Any] = {}
         for merge, densities in (("task_arithmetic", (None,)), ("ties", COMPOSE_DENSITIES), ("dare_ties", COMPOSE_DENSITIES)):
-            grid: dict[str, float] = {}
-            candidates = []
+            grid: dict[str, dict[str, float]] = {}
+            best: Optional[tuple] = None
             seconds = 0.0
-            for density in densities:
-                extra = {} if density is None else {"density": density}
-                models = []
-                for t in tasks:
-                    models.append({
-                        "model": str(ctxs[t].expert().path),
-                        "transfer": {"method": "bico", "source_base": str(source),
-                                     "calibration": calibration_block(t, ctxs[t].calibration(MAIN_SIZE), MAIN_SIZE)},
-                        "parameters": {"weight": singles[t]["weight"], **extra}})
-                config = {"merge_method": merge, "base_model": str(target), "models": models, "dtype": "float32"}
-                if merge != "task_arithmetic":
-                    config["parameters"] = {"normalize": False}
-                log(f"  {setting}/compose/seed{seed}: {merge}" + ("" if density is None else f", density {density}"))
-                name = f"compose-{merge}" + ("" if density is None else f"-d{density}")
-                merged, sec = run_cli(config, ctxs[tasks[0]].folder(name), "--random-seed", str(seed))
-                seconds += sec
-                # lambda scales the merged delta linearly: every scale is evaluated without another merge
-                scaled = Scaled(target, merged)
-                vals = {lam: statistics.fmean(scaled.accuracy(lam, t, "validation") for t in tasks) for lam in COMPOSE_LAMBDAS}
-                grid.update({f"density={density},lambda={lam}": v for lam, v in vals.items()})
-                lam = max(COMPOSE_LAMBDAS, key=lambda x: (vals[x], -abs(x - 1.0)))
-                candidates.append((vals[lam], density, lam, {t: scaled.accuracy(lam, t, "test") for t in tasks}))
-                shutil.rmtree(merged, ignore_errors=True)
-            val, density, lam, test = max(candidates, key=lambda c: c[0])      # first best: the lower density
-            out[merge] = {**test, "density": density, "lambda": lam, "validation": val,
-                          "validation_grid": grid, "cli_seconds": round(seconds, 1)}
+            for scales in COMPOSE_SCALES:
+                weights = {t: singles[t]["weight"] * f for t, f in zip(tasks, scales)}
+                for density in densities:
+                    extra = {} if density is None else {"density": density}
+                    models = [{"model": str(ctxs[t].expert().path),
+                               "transfer": {"method": "bico", "source_base": str(source),
+                                            "calibration": calibration_block(t, ctxs[t].calibration(MAIN_SIZE), MAIN_SIZE)},
+                               "parameters": {"weight": weights[t], **extra}} for t in tasks]
+                    config = {"merge_method": merge, "base_model": str(target), "models": models, "dtype": "float32"}
+                    if merge != "task_arithmetic":
+                        config["parameters"] = {"normalize": False}
+                    label = f"{merge}, weights {'/'.join(f'{weights[t]:g}' for t in tasks)}" + \
+                        ("" if density is None else f", density {density}")
+                    log(f"  {setting}/compose/seed{seed}: {label}")
+                    name = f"compose-{merge}-s{'-'.join(f'{f:g}' for f in scales)}" + ("" if density is None else f"-d{density}")
+                    merged, sec = run_cli(config, ctxs[tasks[0]].folder(name), "--random-seed", str(seed))
+                    seconds += sec
+                    # lambda scales the merged delta linearly: every scale is evaluated without another merge
+                    scaled = Scaled(target, merged)
+                    if not zero_val:
+                        zero_val.update({t: scaled.accuracy(0.0, t, "validation") for t in tasks})
+                    for lam in COMPOSE_LAMBDAS:
+                        val = {t: scaled.accuracy(lam, t, "validation") for t in tasks}
+                        kept = {t: kept_gain(val[t], zero_val[t], single_val[t]) for t in tasks}
+                        grid[f"weights={'/'.join(f'{weights[t]:g}' for t in tasks)},density={density},lambda={lam}"] = \
+                            {**{f"{t}": v for t, v in val.items()}, **{f"kept_{t}": k for t, k in kept.items()}}
+                        key = (min(kept.values()), statistics.fmean(val.values()), -abs(lam - 1.0))
+                        if best is None or key > best[0]:            # first best: the earlier grid point
+                            best = (key, weights, density, lam, val, kept, scaled)
+                    shutil.rmtree(merged, ignore_errors=True)  # Scaled holds the weights in memory
+                    del scaled
+            _, weights, density, lam, val, kept, scaled = best
+            test = {t: scaled.accuracy(lam, t, "test") for t in tasks}     # test: once, at the chosen point
+            best = scaled = None
+            out[merge] = {**test, "weights": weights, "density": density, "lambda": lam,
+                          "validation": val, "validation_kept": kept, "validation_grid": grid,
+                          "cli_seconds": round(seconds, 1)}
+        out["validation_zero_shot"] = zero_val
+        out["validation_single"] = single_val
         return out
 
     return cached_unit("compose", parts, compute)
@@ -391,11 +418,20 @@ class Plan:
     tasks: dict[str, tuple[str, ...]]     # per setting
     seeds: dict[str, tuple[int, ...]]     # per setting
     sizes: tuple[int, ...]
+    seed_tasks: Optional[tuple[str, ...]]  # tasks run at every seed (None: all); the rest at the first seed only
     compose: bool
     fewshot: tuple[str, ...]             # settings with the few-shot baseline
     ablations: bool
     budget: dict[str, Any] = field(default_factory=dict)
     fewshot_settings: dict[str, Any] = field(default_factory=dict)
+
+
+    def tasks_at(self, setting: str, seed: int) -> tuple[str, ...]:
+        """The tasks of ``setting`` run at ``seed``: all at the first seed, ``seed_tasks`` at the others."""
+        tasks = self.tasks[setting]
+        if self.seed_tasks is None or seed == self.seeds[setting][0]:
+            return tasks
+        return tuple(t for t in tasks if t in self.seed_tasks)
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -413,7 +449,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     seeds = tuple(args.seeds) if args.seeds else ((0,) if args.quick else (0, 1, 2))
     other = tuple(args.other_seeds) if args.other_seeds else seeds[:1]
     sizes = tuple(args.sizes) if args.sizes else ((MAIN_SIZE,) if args.quick else CALIBRATION_SIZES)
+    seed_tasks = tuple(args.seed_tasks) if args.seed_tasks else None
     return Plan(settings, {s: (tasks if s == "real" else other_tasks) for s in settings}, {s: (seeds if s == "real" else other) for s in settings}, sizes,
+                seed_tasks=seed_tasks,
                 compose=not args.quick and not args.no_compose,
                 fewshot=() if args.no_fewshot else tuple(args.fewshot_settings or settings),
                 ablations=not args.no_ablations,
@@ -430,7 +468,8 @@ def run(plan: Plan, log: Any = print) -> dict[str, Any]:
         seeds = plan.seeds[setting]
         for seed in seeds:
             singles: dict[str, dict[str, Any]] = {}
-            for task in plan.tasks[setting]:
+            tasks = plan.tasks_at(setting, seed)
+            for task in tasks:
                 ctx = Context(setting, task, seed, source, target, plan.budget, plan.fewshot_settings, log)
                 refs = run_references(ctx, seed)
                 row: dict[str, Any] = {"setting": setting, "task": task, "seed": seed, **refs, "methods": {}}
@@ -441,7 +480,7 @@ def run(plan: Plan, log: Any = print) -> dict[str, Any]:
                     row["methods"]["fewshot-128"] = run_fewshot(ctx)
                 singles[task] = row["methods"][f"bico-{MAIN_SIZE}"]
                 units.append(row)
-            if plan.compose and setting == "real" and all(t in plan.tasks[setting] for t in COMPOSE_TASKS):
+            if plan.compose and setting == "real" and all(t in tasks for t in COMPOSE_TASKS):
                 comp = run_composition(setting, seed, source, target, plan.budget, singles, log)
                 compose.append({"seed": seed, **comp,
                                 "singles": {t: singles[t]["test"] for t in COMPOSE_TASKS},
@@ -535,8 +574,7 @@ def check_targets(summary: dict[str, Any], compose: list[dict[str, Any]]) -> lis
             if merge not in c:
                 continue
             for t in COMPOSE_TASKS:
-                single_gain = c["singles"][t] - c["zero_shot"][t]
-                kept = (c[merge][t] - c["zero_shot"][t]) / single_gain if abs(single_gain) > 1e-9 else float("nan")
+                kept = kept_gain(c[merge][t], c["zero_shot"][t], c["singles"][t])
                 checks.append({"check": f"compose seed {c['seed']} {merge}: share of the single transfer's gain kept on {t}",
                                "value": f"{100 * kept:.0f}%", "target": ">= 90%" if merge != "task_arithmetic" else "(reference)",
                                "result": ("PASS" if kept >= 0.9 else "FAIL") if merge != "task_arithmetic" else "-"})
@@ -587,15 +625,20 @@ def render(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if report["results"]["compose"]:
         lines += ["", f"## Composition ({' + '.join(COMPOSE_TASKS)}, setting real, BiCo-{MAIN_SIZE} transfers)", "",
-                  "Each expert keeps the weight chosen for it alone; TIES / DARE-TIES `density` from "
-                  f"{list(COMPOSE_DENSITIES)} and the merged delta's `lambda` from {list(COMPOSE_LAMBDAS)} (task "
-                  "arithmetic: `lambda` only) are chosen on the two tasks' mean validation accuracy.", "",
-                  "| seed | merge | density | lambda | " + " | ".join(f"{t} (zero-shot / single / composed)" for t in COMPOSE_TASKS) + " |",
-                  "|---|---|---|---|" + "---|" * len(COMPOSE_TASKS)]
+                  "Chosen together on validation, per merge method: the experts' weights (the weight each got "
+                  f"alone, times one of the factor pairs {[list(x) for x in COMPOSE_SCALES]} for "
+                  f"{' / '.join(COMPOSE_TASKS)}), TIES / DARE-TIES `density` from {list(COMPOSE_DENSITIES)} and the "
+                  f"merged delta's `lambda` from {list(COMPOSE_LAMBDAS)}, maximising the smaller of the two tasks' "
+                  "kept gains on validation (composed - zero-shot) / (single - zero-shot), then their mean accuracy. "
+                  "Test is read once, at the chosen point.", "",
+                  "| seed | merge | weights | density | lambda | " + " | ".join(f"{t} (zero-shot / single / composed)" for t in COMPOSE_TASKS) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(COMPOSE_TASKS)]
         for c in report["results"]["compose"]:
             for merge in ("task_arithmetic", "ties", "dare_ties"):
                 m = c[merge]
-                lines.append(f"| {c['seed']} | {merge} | {m.get('density') or '-'} | {m.get('lambda', 1.0)} | " + " | ".join(
+                weights = m.get("weights") or c.get("weights") or {}
+                lines.append(f"| {c['seed']} | {merge} | {' / '.join(f'{weights[t]:g}' for t in COMPOSE_TASKS if t in weights) or '-'} | "
+                             f"{m.get('density') or '-'} | {m.get('lambda', 1.0)} | " + " | ".join(
                     f"{100 * c['zero_shot'][t]:.1f} / {100 * c['singles'][t]:.1f} / {100 * m[t]:.1f}" for t in COMPOSE_TASKS) + " |")
     lines += ["", "## Targets", "", "| check | value | target | result |", "|---|---|---|---|"]
     lines += [f"| {c['check']} | {c['value']} | {c['target']} | {c['result']} |" for c in report["checks"]]
@@ -648,6 +691,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--tasks", nargs="+", choices=TASKS)
     p.add_argument("--other-tasks", nargs="+", choices=TASKS, help="tasks of the settings other than real (default: --tasks)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds of setting real (default 0 1 2)")
+    p.add_argument("--seed-tasks", nargs="+", choices=TASKS,
+                   help="tasks of setting real run at every seed of --seeds (default: all); the others at the first seed only")
     p.add_argument("--other-seeds", nargs="+", type=int, help="seeds of the other settings (default: the first of --seeds)")
     p.add_argument("--no-ablations", action="store_true", help="skip the calibration sizes and BiCo options (seed 0 of real)")
     p.add_argument("--sizes", nargs="+", type=int, help=f"BiCo calibration sizes for setting real (default {list(CALIBRATION_SIZES)})")

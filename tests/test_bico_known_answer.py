@@ -179,6 +179,44 @@ def test_llama_memory_budget_splits_passes(llama_pair, llama_rotated, tmp_path):
                          target_base=b, calibration=calib, cache_dir=tmp_path / "c3", progress=False)
 
 
+def test_llama_memory_budget_resumes_finished_passes(llama_pair, llama_rotated, tmp_path, monkeypatch):
+    """A run killed between passes keeps the passes it finished: the rerun computes only the rest,
+    and its maps equal those of an uninterrupted run."""
+    import mergekit_bico.transfer.bico as bico_mod
+
+    root, a, ft, calib = llama_pair
+    b = llama_rotated
+    cfg = TransferConfig(source_base=str(a), memory_budget="1M")
+    whole = prepare_transfer(cfg=cfg, source_finetuned=ft, target_base=b, calibration=calib,
+                             cache_dir=tmp_path / "whole", progress=False)
+    passes = whole.report()["memory"]["passes"]
+    assert passes >= 2
+    real = bico_mod.accumulate_pass
+    calls = []
+
+    def dies_on_second_pass(**kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt   # the run is stopped during its second pass
+        return real(**kw)
+
+    monkeypatch.setattr(bico_mod, "accumulate_pass", dies_on_second_pass)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_transfer(cfg=cfg, source_finetuned=ft, target_base=b, calibration=calib,
+                         cache_dir=tmp_path / "c", progress=False)
+    calls.clear()
+    monkeypatch.setattr(bico_mod, "accumulate_pass", lambda **kw: (calls.append(1), real(**kw))[1])
+    resumed = prepare_transfer(cfg=cfg, source_finetuned=ft, target_base=b, calibration=calib,
+                               cache_dir=tmp_path / "c", progress=False)
+    rep = resumed.report()
+    assert len(calls) == passes - 1                          # the first pass was read back
+    assert any("1 of" in n and "interrupted run" in n for n in rep["notes"])
+    assert rep["spaces"] == whole.report()["spaces"]         # same report rows (residuals, ranks)
+    assert rep["memory"]["statistics_bytes"] == whole.report()["memory"]["statistics_bytes"]
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight", "lm_head.weight"):
+        torch.testing.assert_close(resumed.delta(name), whole.delta(name), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. width: wider residual stream (rotated), more heads, more MLP neurons
 

@@ -61,3 +61,23 @@ def test_composition_keeps_share_of_each_single_gain():
     kept = checks["compose seed 0 ties: share of the single transfer's gain kept on wordnet"]
     assert kept["value"] == "75%" and kept["result"] == "FAIL"       # 0.15 / 0.20
     assert checks["compose seed 0 task_arithmetic: share of the single transfer's gain kept on wordnet"]["result"] == "-"
+
+
+def test_seed_tasks_run_the_other_tasks_at_the_first_seed_only():
+    from benchmarks.transfer import Plan
+
+    plan = Plan(settings=("real", "reverse"), tasks={"real": ("wordnet", "subjectivity"), "reverse": ("wordnet",)},
+                seeds={"real": (0, 1, 2), "reverse": (0,)}, sizes=(128,), seed_tasks=("wordnet",),
+                compose=True, fewshot=(), ablations=False)
+    assert plan.tasks_at("real", 0) == ("wordnet", "subjectivity")
+    assert plan.tasks_at("real", 1) == ("wordnet",) == plan.tasks_at("real", 2)
+    everything = Plan(**{**plan.__dict__, "seed_tasks": None})
+    assert everything.tasks_at("real", 2) == ("wordnet", "subjectivity")
+
+
+def test_kept_gain_is_the_share_of_the_single_gain():
+    from benchmarks.transfer import kept_gain
+
+    assert kept_gain(0.55, 0.40, 0.60) == pytest.approx(0.75)
+    assert kept_gain(0.35, 0.40, 0.60) == pytest.approx(-0.25)         # below zero-shot: negative
+    assert kept_gain(0.50, 0.40, 0.40) != kept_gain(0.50, 0.40, 0.40)  # no single gain: NaN

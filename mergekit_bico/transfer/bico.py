@@ -76,7 +76,7 @@ from mergekit_bico.calibration.covariance import (
     plan_passes,
 )
 from mergekit_bico.config import CalibrationConfig
-from mergekit_bico.errors import TransferError
+from mergekit_bico.errors import CalibrationError, TransferError
 from mergekit_bico.transfer.api import PreparedTransfer, TransferContext, Untransferable, resolve_layer_map
 from mergekit_bico.transfer.layermap import DEAD_BLOCK_RTOL, centered_gram, cka_matrix, similarity_layer_map
 from mergekit_bico.transfer.procrustes import DEFAULT_RTOL, WELL_DETERMINED_RTOL, procrustes_batched, relative_residual
@@ -462,6 +462,20 @@ def _restore(report: TransferReport, manifest: dict[str, Any], *, cached: bool) 
         report.note(note)
 
 
+def _saved_part(store: Any, part_key: str, fingerprint: str) -> Optional[tuple[list[str], list[dict[str, Any]], int]]:
+    """``(map names, report rows, statistics bytes)`` of a pass saved by an earlier run, or None."""
+    path = store.lookup("bico_maps", part_key)
+    if path is None:
+        return None
+    try:
+        with store.open(path, model_fingerprint=fingerprint) as f:
+            rows = json.loads(f.metadata["rows"])
+            return sorted(f.keys()), rows, int(f.metadata["statistics_bytes"])
+    except (KeyError, ValueError, CalibrationError) as err:   # older format or another model: recompute
+        logger.warning("BiCo pass file %s unusable (%s); recomputing that pass", path, err)
+        return None
+
+
 def _compute(ctx, calibration, store, key, fp_target, static_map, budget, device, progress, rtol, stats_path) -> dict[str, Any]:
     cfg = ctx.cfg
     timings = {"load_s": 0.0, "similarity_s": 0.0, "statistics_s": 0.0, "maps_s": 0.0}
@@ -516,7 +530,18 @@ def _compute(ctx, calibration, store, key, fp_target, static_map, budget, device
     parts: list[dict[str, Any]] = []
     spaces: list[dict[str, Any]] = []
     stats_peak = 0
+    resumed = 0
     for k, group in enumerate(passes):
+        layers = sorted({-1 if p.target_layer is None else p.target_layer for p in group})
+        part_key = store.key("bico_maps", index=key, part=k, layers=layers)
+        saved = _saved_part(store, part_key, fp_target)
+        if saved is not None:               # this pass finished in an interrupted run: keep its maps
+            names, rows, peak = saved
+            parts.append({"key": part_key, "maps": names})
+            spaces.extend(rows)
+            stats_peak = max(stats_peak, peak)
+            resumed += 1
+            continue
         t0 = time.perf_counter()
         stats, peak = accumulate_pass(
             model_a=model_a, model_b=model_b, arch_a=ctx.arch_source, arch_b=ctx.arch_target,
@@ -529,14 +554,16 @@ def _compute(ctx, calibration, store, key, fp_target, static_map, budget, device
         t0 = time.perf_counter()
         maps, rows = fit_maps(stats, group, rtol=rtol, ties=ctx.arch_target.tied_spaces if cfg.tie_maps else ())
         del stats
-        layers = sorted({-1 if p.target_layer is None else p.target_layer for p in group})
-        part_key = store.key("bico_maps", index=key, part=k, layers=layers)
         store.save("bico_maps", part_key, maps, {"model_fingerprint": fp_target, "model_path": str(ctx.target_path),
-                                                 "index": key, "part": str(k)})
+                                                 "index": key, "part": str(k), "rows": json.dumps(rows),
+                                                 "statistics_bytes": str(peak)})
         parts.append({"key": part_key, "maps": sorted(maps)})
         spaces.extend(rows)
         del maps
         timings["maps_s"] += time.perf_counter() - t0
+    if resumed:
+        notes.append(f"{resumed} of {len(passes)} statistics passes were read back from an interrupted run "
+                     "(their maps were saved when each pass finished)")
     memory = {
         "statistics_bytes": stats_peak,
         "passes": len(passes),
