@@ -366,6 +366,7 @@ def run_composition(setting: str, seed: int, source: Path, target: Path, budget:
             seconds = 0.0
             for scales in COMPOSE_SCALES:
                 weights = {t: singles[t]["weight"] * f for t, f in zip(tasks, scales)}
+                shown = "/".join(f"{weights[t]:g}" for t in tasks)
                 for density in densities:
                     extra = {} if density is None else {"density": density}
                     models = [{"model": str(ctxs[t].expert().path),
@@ -375,9 +376,8 @@ def run_composition(setting: str, seed: int, source: Path, target: Path, budget:
                     config = {"merge_method": merge, "base_model": str(target), "models": models, "dtype": "float32"}
                     if merge != "task_arithmetic":
                         config["parameters"] = {"normalize": False}
-                    label = f"{merge}, weights {'/'.join(f'{weights[t]:g}' for t in tasks)}" + \
-                        ("" if density is None else f", density {density}")
-                    log(f"  {setting}/compose/seed{seed}: {label}")
+                    log(f"  {setting}/compose/seed{seed}: {merge}, weights {shown}"
+                        + ("" if density is None else f", density {density}"))
                     name = f"compose-{merge}-s{'-'.join(f'{f:g}' for f in scales)}" + ("" if density is None else f"-d{density}")
                     merged, sec = run_cli(config, ctxs[tasks[0]].folder(name), "--random-seed", str(seed))
                     seconds += sec
@@ -388,8 +388,8 @@ def run_composition(setting: str, seed: int, source: Path, target: Path, budget:
                     for lam in COMPOSE_LAMBDAS:
                         val = {t: scaled.accuracy(lam, t, "validation") for t in tasks}
                         kept = {t: kept_gain(val[t], zero_val[t], single_val[t]) for t in tasks}
-                        grid[f"weights={'/'.join(f'{weights[t]:g}' for t in tasks)},density={density},lambda={lam}"] = \
-                            {**{f"{t}": v for t, v in val.items()}, **{f"kept_{t}": k for t, k in kept.items()}}
+                        grid[f"weights={shown},density={density},lambda={lam}"] = \
+                            {**val, **{f"kept_{t}": k for t, k in kept.items()}}
                         key = (min(kept.values()), statistics.fmean(val.values()), -abs(lam - 1.0))
                         if best is None or key > best[0]:            # first best: the earlier grid point
                             best = (key, weights, density, lam, val, kept, scaled)
@@ -424,7 +424,6 @@ class Plan:
     ablations: bool
     budget: dict[str, Any] = field(default_factory=dict)
     fewshot_settings: dict[str, Any] = field(default_factory=dict)
-
 
     def tasks_at(self, setting: str, seed: int) -> tuple[str, ...]:
         """The tasks of ``setting`` run at ``seed``: all at the first seed, ``seed_tasks`` at the others."""
@@ -636,8 +635,8 @@ def render(report: dict[str, Any]) -> str:
         for c in report["results"]["compose"]:
             for merge in ("task_arithmetic", "ties", "dare_ties"):
                 m = c[merge]
-                weights = m.get("weights") or c.get("weights") or {}
-                lines.append(f"| {c['seed']} | {merge} | {' / '.join(f'{weights[t]:g}' for t in COMPOSE_TASKS if t in weights) or '-'} | "
+                shown = " / ".join(f"{m['weights'][t]:g}" for t in COMPOSE_TASKS)
+                lines.append(f"| {c['seed']} | {merge} | {shown} | "
                              f"{m.get('density') or '-'} | {m.get('lambda', 1.0)} | " + " | ".join(
                     f"{100 * c['zero_shot'][t]:.1f} / {100 * c['singles'][t]:.1f} / {100 * m[t]:.1f}" for t in COMPOSE_TASKS) + " |")
     lines += ["", "## Targets", "", "| check | value | target | result |", "|---|---|---|---|"]
