@@ -26,8 +26,8 @@ map only); ``gradfix`` (arXiv 2510.09658); ``bico`` with ``output_space: activat
 output side) and ``combined``; the target fine-tuned with the expert's budget (upper bound); and
 the target fine-tuned on the same labelled calibration examples BiCo uses (learning rate and
 epochs chosen on validation). Composition (setting ``real``): the two experts of
-:data:`COMPOSE_TASKS` transferred by BiCo and merged in one config by task arithmetic, TIES and
-DARE-TIES, evaluated on both tasks.
+:data:`COMPOSE_TASKS` transferred by BiCo and merged in one config by task arithmetic, TIES,
+DARE-TIES and Fisher merging (each expert's Fisher taken at its transfer), evaluated on both tasks.
 
 gain recovery = (method - target zero-shot) / (target fine-tuned - target zero-shot).
 
@@ -74,6 +74,12 @@ COMPOSE_SCALES = ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5))
 COMPOSE_DENSITIES = (0.2, 0.5, 0.8)
 COMPOSE_LAMBDAS = (0.5, 0.75, 1.0, 1.5)
 COMPOSE_RULE = "max-min-kept-validation-gain"
+# Fisher composition: precision factors per expert (in COMPOSE_TASKS order) and the merged delta's
+# lambda; Fisher merging averages the deltas, so lambda goes as high as the singles' weights do
+FISHER_SCALES = ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5), (0.25, 1.0), (1.0, 0.25))
+FISHER_LAMBDAS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+FISHER_PARAMETERS = {"fisher_estimator": "empirical", "normalize": True, "fisher_floor": 1e-6}
+COMPOSE_MERGES = ("task_arithmetic", "ties", "dare_ties", "fisher")
 TASKS = ("sentiment", "subjectivity", "wordnet")
 SETTINGS = ("real", "reverse", "version", "width")
 UNIT_VERSION = "transfer-unit-v1"
@@ -342,6 +348,48 @@ def run_fewshot(ctx: Context) -> dict[str, Any]:
     return cached_unit("fewshot", ctx.parts(method="fewshot", fewshot=ctx.fewshot, n=MAIN_SIZE), compute)
 
 
+def _search_composition(points: list[tuple[str, dict[str, float], Optional[float], dict[str, Any]]],
+                        lambdas: tuple[float, ...], folder: Any, seed: int, target: Path,
+                        single_val: dict[str, float], zero_val: dict[str, float], log: Any, what: str) -> dict[str, Any]:
+    """Merge once per grid point (``(name, weights, density, config)``), evaluate every ``lambda``
+    on validation, keep the point with the largest smaller kept gain (then the mean accuracy, then
+    lambda closest to 1, then the earlier point); read test once there. ``zero_val`` is filled on
+    first use."""
+    tasks = COMPOSE_TASKS
+    grid: dict[str, dict[str, float]] = {}
+    best: Optional[tuple] = None
+    seconds = 0.0
+    for name, weights, density, config in points:
+        shown = "/".join(f"{weights[t]:g}" for t in tasks)
+        log(f"  {what}, weights {shown}" + ("" if density is None else f", density {density}"))
+        merged, sec = run_cli(config, folder(name), "--random-seed", str(seed))
+        seconds += sec
+        # lambda scales the merged delta linearly: every scale is evaluated without another merge
+        scaled = Scaled(target, merged)
+        if not zero_val:
+            zero_val.update({t: scaled.accuracy(0.0, t, "validation") for t in tasks})
+        for lam in lambdas:
+            val = {t: scaled.accuracy(lam, t, "validation") for t in tasks}
+            kept = {t: kept_gain(val[t], zero_val[t], single_val[t]) for t in tasks}
+            grid[f"weights={shown},density={density},lambda={lam}"] = {**val, **{f"kept_{t}": k for t, k in kept.items()}}
+            key = (min(kept.values()), statistics.fmean(val.values()), -abs(lam - 1.0))
+            if best is None or key > best[0]:            # first best: the earlier grid point
+                best = (key, weights, density, lam, val, kept, scaled)
+        shutil.rmtree(merged, ignore_errors=True)  # Scaled holds the weights in memory
+        del scaled
+    _, weights, density, lam, val, kept, scaled = best
+    test = {t: scaled.accuracy(lam, t, "test") for t in tasks}     # test: once, at the chosen point
+    return {**test, "weights": weights, "density": density, "lambda": lam, "validation": val,
+            "validation_kept": kept, "validation_grid": grid, "cli_seconds": round(seconds, 1)}
+
+
+def _expert_entry(ctx: "Context", source: Path, task: str, weight: float, **extra: Any) -> dict[str, Any]:
+    return {"model": str(ctx.expert().path),
+            "transfer": {"method": "bico", "source_base": str(source),
+                         "calibration": calibration_block(task, ctx.calibration(MAIN_SIZE), MAIN_SIZE)},
+            "parameters": {"weight": weight, **extra}}
+
+
 def run_composition(setting: str, seed: int, source: Path, target: Path, budget: dict[str, Any],
                     singles: dict[str, dict[str, Any]], log: Any) -> dict[str, Any]:
     """Two BiCo-transferred experts in one config: task arithmetic, TIES and DARE-TIES, each with its
@@ -361,51 +409,63 @@ def run_composition(setting: str, seed: int, source: Path, target: Path, budget:
         zero_val: dict[str, float] = {}
         out: dict[str, Any] = {}
         for merge, densities in (("task_arithmetic", (None,)), ("ties", COMPOSE_DENSITIES), ("dare_ties", COMPOSE_DENSITIES)):
-            grid: dict[str, dict[str, float]] = {}
-            best: Optional[tuple] = None
-            seconds = 0.0
+            points = []
             for scales in COMPOSE_SCALES:
                 weights = {t: singles[t]["weight"] * f for t, f in zip(tasks, scales)}
-                shown = "/".join(f"{weights[t]:g}" for t in tasks)
                 for density in densities:
                     extra = {} if density is None else {"density": density}
-                    models = [{"model": str(ctxs[t].expert().path),
-                               "transfer": {"method": "bico", "source_base": str(source),
-                                            "calibration": calibration_block(t, ctxs[t].calibration(MAIN_SIZE), MAIN_SIZE)},
-                               "parameters": {"weight": weights[t], **extra}} for t in tasks]
-                    config = {"merge_method": merge, "base_model": str(target), "models": models, "dtype": "float32"}
+                    config = {"merge_method": merge, "base_model": str(target), "dtype": "float32",
+                              "models": [_expert_entry(ctxs[t], source, t, weights[t], **extra) for t in tasks]}
                     if merge != "task_arithmetic":
                         config["parameters"] = {"normalize": False}
-                    log(f"  {setting}/compose/seed{seed}: {merge}, weights {shown}"
-                        + ("" if density is None else f", density {density}"))
                     name = f"compose-{merge}-s{'-'.join(f'{f:g}' for f in scales)}" + ("" if density is None else f"-d{density}")
-                    merged, sec = run_cli(config, ctxs[tasks[0]].folder(name), "--random-seed", str(seed))
-                    seconds += sec
-                    # lambda scales the merged delta linearly: every scale is evaluated without another merge
-                    scaled = Scaled(target, merged)
-                    if not zero_val:
-                        zero_val.update({t: scaled.accuracy(0.0, t, "validation") for t in tasks})
-                    for lam in COMPOSE_LAMBDAS:
-                        val = {t: scaled.accuracy(lam, t, "validation") for t in tasks}
-                        kept = {t: kept_gain(val[t], zero_val[t], single_val[t]) for t in tasks}
-                        grid[f"weights={shown},density={density},lambda={lam}"] = \
-                            {**val, **{f"kept_{t}": k for t, k in kept.items()}}
-                        key = (min(kept.values()), statistics.fmean(val.values()), -abs(lam - 1.0))
-                        if best is None or key > best[0]:            # first best: the earlier grid point
-                            best = (key, weights, density, lam, val, kept, scaled)
-                    shutil.rmtree(merged, ignore_errors=True)  # Scaled holds the weights in memory
-                    del scaled
-            _, weights, density, lam, val, kept, scaled = best
-            test = {t: scaled.accuracy(lam, t, "test") for t in tasks}     # test: once, at the chosen point
-            best = scaled = None
-            out[merge] = {**test, "weights": weights, "density": density, "lambda": lam,
-                          "validation": val, "validation_kept": kept, "validation_grid": grid,
-                          "cli_seconds": round(seconds, 1)}
+                    points.append((name, weights, density, config))
+            out[merge] = _search_composition(points, COMPOSE_LAMBDAS, ctxs[tasks[0]].folder, seed, target,
+                                             single_val, zero_val, log, f"{setting}/compose/seed{seed}: {merge}")
         out["validation_zero_shot"] = zero_val
         out["validation_single"] = single_val
         return out
 
     return cached_unit("compose", parts, compute)
+
+
+def run_fisher_composition(setting: str, seed: int, source: Path, target: Path, budget: dict[str, Any],
+                           singles: dict[str, dict[str, Any]], log: Any) -> dict[str, Any]:
+    """The same two transferred experts merged by ``fisher``: each expert's diagonal Fisher taken at
+    the target plus its transferred delta, on the 128 labelled examples its transfer used
+    (``empirical``: the zero-shot-head loss is a user loss), ``normalize: true``. Fisher merging
+    averages the deltas (per element, weighted by precision) instead of summing them, so the merged
+    delta's ``lambda`` grid reaches higher; the relative weights (precision factors) and lambda are
+    chosen on validation by the same rule."""
+    from benchmarks.realmodels import finetune as ft
+
+    tasks = COMPOSE_TASKS
+    parts = {"setting": setting, "seed": seed, "task": "+".join(tasks), "method": "compose-fisher",
+             "source": ft.model_fingerprint(source), "target": ft.model_fingerprint(target), "budget": budget,
+             "grid": {"scales": FISHER_SCALES, "lambdas": FISHER_LAMBDAS}, "select": COMPOSE_RULE,
+             "parameters": FISHER_PARAMETERS}
+
+    def compute() -> dict[str, Any]:
+        ctxs = {t: Context(setting, t, seed, source, target, budget, {}, log) for t in tasks}
+        single_val = {t: singles[t]["validation"][str(singles[t]["weight"])] for t in tasks}
+        zero_val: dict[str, float] = {}
+        points = []
+        for scales in FISHER_SCALES:
+            weights = dict(zip(tasks, scales))
+            models = []
+            for t in tasks:
+                entry = _expert_entry(ctxs[t], source, t, weights[t])
+                entry["calibration"] = calibration_block(t, ctxs[t].calibration(MAIN_SIZE), MAIN_SIZE)
+                models.append(entry)
+            config = {"merge_method": "fisher", "base_model": str(target), "dtype": "float32", "models": models,
+                      "parameters": dict(FISHER_PARAMETERS)}
+            points.append((f"compose-fisher-s{'-'.join(f'{f:g}' for f in scales)}", weights, None, config))
+        out = {"fisher": _search_composition(points, FISHER_LAMBDAS, ctxs[tasks[0]].folder, seed, target,
+                                             single_val, zero_val, log, f"{setting}/compose/seed{seed}: fisher")}
+        out["validation_zero_shot"] = zero_val
+        return out
+
+    return cached_unit("compose_fisher", parts, compute)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +541,9 @@ def run(plan: Plan, log: Any = print) -> dict[str, Any]:
                 units.append(row)
             if plan.compose and setting == "real" and all(t in tasks for t in COMPOSE_TASKS):
                 comp = run_composition(setting, seed, source, target, plan.budget, singles, log)
+                fisher = run_fisher_composition(setting, seed, source, target, plan.budget, singles, log)
+                comp = {**comp, "fisher": fisher["fisher"],
+                        "unit_seconds": (comp.get("unit_seconds") or 0.0) + (fisher.get("unit_seconds") or 0.0)}
                 compose.append({"seed": seed, **comp,
                                 "singles": {t: singles[t]["test"] for t in COMPOSE_TASKS},
                                 "zero_shot": {t: next(u["target_zero_shot"] for u in units
@@ -569,7 +632,7 @@ def check_targets(summary: dict[str, Any], compose: list[dict[str, Any]]) -> lis
         checks.append({"check": "mean gain recovery of bico-128 over tasks/settings with gain >= 10 points",
                        "value": f"{100 * avg:.0f}%", "target": ">= 60%", "result": "PASS" if avg >= 0.6 else "FAIL"})
     for c in compose:
-        for merge in ("ties", "dare_ties", "task_arithmetic"):
+        for merge in ("ties", "dare_ties", "fisher", "task_arithmetic"):
             if merge not in c:
                 continue
             for t in COMPOSE_TASKS:
@@ -629,11 +692,15 @@ def render(report: dict[str, Any]) -> str:
                   f"{' / '.join(COMPOSE_TASKS)}), TIES / DARE-TIES `density` from {list(COMPOSE_DENSITIES)} and the "
                   f"merged delta's `lambda` from {list(COMPOSE_LAMBDAS)}, maximising the smaller of the two tasks' "
                   "kept gains on validation (composed - zero-shot) / (single - zero-shot), then their mean accuracy. "
+                  "`fisher`: each expert's diagonal Fisher (empirical, on the 128 labelled examples its transfer "
+                  "used) taken at the target plus its transferred delta, `normalize: true`; Fisher merging averages "
+                  "the deltas per element instead of summing them, so its weights are precision factors from "
+                  f"{[list(x) for x in FISHER_SCALES]} and its `lambda` comes from {list(FISHER_LAMBDAS)}, by the same rule. "
                   "Test is read once, at the chosen point.", "",
                   "| seed | merge | weights | density | lambda | " + " | ".join(f"{t} (zero-shot / single / composed)" for t in COMPOSE_TASKS) + " |",
                   "|---|---|---|---|---|" + "---|" * len(COMPOSE_TASKS)]
         for c in report["results"]["compose"]:
-            for merge in ("task_arithmetic", "ties", "dare_ties"):
+            for merge in (m for m in COMPOSE_MERGES if m in c):
                 m = c[merge]
                 shown = " / ".join(f"{m['weights'][t]:g}" for t in COMPOSE_TASKS)
                 lines.append(f"| {c['seed']} | {merge} | {shown} | "

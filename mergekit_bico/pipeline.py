@@ -22,7 +22,10 @@ def _needs_fisher(plan: Plan) -> bool:
 
 
 def _prepare_fisher(plan: Plan, inputs: Inputs, cache_dir: Path, device: str, progress: bool) -> Iterator[str]:
-    from mergekit_bico.calibration.fisher import compute_fisher, fisher_norm
+    """The Fisher of every entry on its calibration data. A transferred entry stands for the target
+    base plus its transferred delta, so its Fisher is taken there (in the target's shapes and
+    names), never at the source fine-tune: run after :func:`_prepare_transfers`."""
+    from mergekit_bico.calibration.fisher import compute_fisher, fisher_norm, shifted_fingerprint
     from mergekit_bico.calibration.store import StatsStore
 
     store = StatsStore(cache_dir)
@@ -34,13 +37,22 @@ def _prepare_fisher(plan: Plan, inputs: Inputs, cache_dir: Path, device: str, pr
                 "(a calibration: block on the model entry or at the top level)"
             )
         started = time.perf_counter()
-        path = compute_fisher(
-            entry.path, entry.calibration, device=device, store=store, progress=progress,
-            estimator=settings.get("fisher_estimator", "expected"), lm_samples=settings.get("lm_samples", 1),
-        )
-        stats = store.open(path, model_fingerprint=plan.models[entry.path].fingerprint())
+        common = dict(device=device, store=store, progress=progress,
+                      estimator=settings.get("fisher_estimator", "expected"), lm_samples=settings.get("lm_samples", 1))
+        if entry.transfer is not None:
+            prepared = inputs.transfers[entry.transfer_index]
+            delta_fp = prepared.fingerprint()
+            label = f"{Path(entry.path).name} transferred to {Path(plan.base_path).name}"
+            path = compute_fisher(plan.base_path, entry.calibration, delta=prepared.delta, delta_fingerprint=delta_fp,
+                                  label=label, **common)
+            fingerprint = shifted_fingerprint(plan.models[plan.base_path].fingerprint(), delta_fp)
+        else:
+            path = compute_fisher(entry.path, entry.calibration, **common)
+            fingerprint = plan.models[entry.path].fingerprint()
+        stats = store.open(path, model_fingerprint=fingerprint)
         inputs.stats[i] = (stats, fisher_norm(stats))
-        yield f"Fisher statistics for {entry.label}: {path} ({time.perf_counter() - started:.1f} s)"
+        where = " (at its transfer onto the base)" if entry.transfer is not None else ""
+        yield f"Fisher statistics for {entry.label}{where}: {path} ({time.perf_counter() - started:.1f} s)"
 
 
 def _prepare_transfers(plan: Plan, inputs: Inputs, cache_dir: Path, device: str, progress: bool) -> tuple[list[Any], list[str]]:
@@ -85,12 +97,12 @@ def run_merge(
     cache_dir = options.cache_dir or default_cache_dir(out_path)
 
     def prepare(inputs: Inputs) -> list[Any]:
-        if _needs_fisher(plan):
-            for line in _prepare_fisher(plan, inputs, cache_dir, options.device, options.progress):
-                log.info(line)
         prepared, lines = _prepare_transfers(plan, inputs, cache_dir, options.device, options.progress)
         for line in lines:
             log.info(line)
+        if _needs_fisher(plan):             # after the transfers: a transferred entry's Fisher is taken at it
+            for line in _prepare_fisher(plan, inputs, cache_dir, options.device, options.progress):
+                log.info(line)
         return prepared
 
     return run_plan(plan, out_path, options, config_text=config_text, prepare=prepare)
@@ -100,9 +112,9 @@ def calibrate_only(config: MergeConfig, config_path: Path, cache_dir: Path, *, d
     """Compute (or find cached) every statistic ``config`` needs; yields one line per item."""
     plan = build_plan(config, config_dir=config_path.parent)
     inputs = Inputs(plan, RunOptions(device=device, progress=progress), None)
-    if _needs_fisher(plan):
-        yield from _prepare_fisher(plan, inputs, cache_dir, device, progress)
     _, lines = _prepare_transfers(plan, inputs, cache_dir, device, progress)
     yield from lines
+    if _needs_fisher(plan):
+        yield from _prepare_fisher(plan, inputs, cache_dir, device, progress)
     if not _needs_fisher(plan) and not plan.transfers:
         yield f"nothing to calibrate: merge_method '{plan.method.name}' uses no statistics and no model has a transfer: block"

@@ -42,7 +42,7 @@ def layout(tmp_path_factory) -> Path:
 def test_every_example_is_covered():
     names = {p.name for p in EXAMPLES}
     assert {"linear.yml", "task_arithmetic.yml", "ties.yml", "dare_ties.yml", "passthrough_slices.yml",
-            "fisher.yml", "bico.yml", "ties_with_transfer.yml"} <= names
+            "fisher.yml", "bico.yml", "ties_with_transfer.yml", "fisher_with_transfer.yml"} <= names
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)

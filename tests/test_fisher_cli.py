@@ -120,3 +120,68 @@ def test_fisher_needs_calibration(llama_family, tmp_path):
     r = CliRunner().invoke(yaml_main, [str(path), str(tmp_path / "out"), "--quiet"])
     assert r.exit_code == 2 and "needs calibration data" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_fisher_of_a_transferred_entry_is_taken_at_the_transferred_model(tmp_path):
+    """A ``transfer:`` entry under ``fisher`` stands for target base + transferred delta: its Fisher is
+    computed there (target shapes, even when the source is wider and deeper), equal to the Fisher of
+    that model written out and calibrated on its own; the merge follows the formula with it."""
+    from mergekit_bico.calibration.fisher import compute_fisher
+    from mergekit_bico.calibration.store import StatsStore
+    from mergekit_bico.config import CalibrationConfig
+    from tests._tiny import make_tiny_causal_lm
+    from tests.conftest import make_variant
+
+    base = make_tiny_causal_lm(tmp_path / "base", arch="llama", seed=1)
+    ft_a = make_variant(base, tmp_path / "ft-a", seed=11)
+    old = make_tiny_causal_lm(tmp_path / "old-base", arch="llama", seed=2, hidden_size=48, num_hidden_layers=3)
+    old_ft = make_variant(old, tmp_path / "old-ft", seed=33)
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS_A * 3])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in TEXTS_B * 3])
+    calib_b = {"data": str(tmp_path / "b.jsonl"), "samples": 9, "max_length": 16, "batch_size": 4}
+    transfer = {"method": "bico", "source_base": str(old)}
+    cfg = {
+        "merge_method": "fisher", "base_model": str(base),
+        "models": [
+            {"model": str(ft_a), "parameters": {"weight": 1.0},
+             "calibration": {"data": str(tmp_path / "a.jsonl"), "samples": 9, "max_length": 16, "batch_size": 4}},
+            {"model": str(old_ft), "parameters": {"weight": 2.0}, "transfer": transfer, "calibration": calib_b},
+        ],
+        "parameters": {"fisher_floor": 1e-3},
+        "dtype": "float32",
+    }
+    (tmp_path / "fisher.yml").write_text(yaml.safe_dump(cfg))
+    cache = tmp_path / "cache"
+    r = CliRunner().invoke(yaml_main, [str(tmp_path / "fisher.yml"), str(tmp_path / "out"), "--cache-dir", str(cache), "--quiet"])
+    assert r.exit_code == 0, r.output
+
+    # the transferred model on its own (weight 1), written out, and its Fisher computed from the folder
+    ta = {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+          "models": [{"model": str(old_ft), "parameters": {"weight": 1.0}, "transfer": transfer, "calibration": calib_b}]}
+    (tmp_path / "ta.yml").write_text(yaml.safe_dump(ta))
+    r = CliRunner().invoke(yaml_main, [str(tmp_path / "ta.yml"), str(tmp_path / "moved"), "--cache-dir", str(cache), "--quiet"])
+    assert r.exit_code == 0, r.output
+    ref_path = compute_fisher(tmp_path / "moved", CalibrationConfig(**calib_b), store=StatsStore(tmp_path / "ref-cache"),
+                              progress=False)
+    ref = load_file(str(ref_path))
+
+    used = {}
+    for p in (cache / "fisher").glob("*.safetensors"):
+        with safe_open(str(p), "pt") as fh:
+            meta = fh.metadata()
+        used["moved" if "delta_fingerprint" in meta else "ft-a"] = load_file(str(p))
+    assert set(used) == {"moved", "ft-a"}
+    b, a, moved = weights(base), weights(ft_a), weights(tmp_path / "moved")
+    assert set(used["moved"]) == set(ref) and set(ref) <= set(b)
+    for k in ref:
+        assert used["moved"][k].shape == b[k].shape
+        assert torch.allclose(used["moved"][k], ref[k], rtol=1e-4, atol=1e-10), k
+    got = weights(tmp_path / "out")
+    for k in b:
+        fa = used["ft-a"].get(k, torch.zeros_like(b[k]))
+        fb = ref.get(k, torch.zeros_like(b[k]))
+        pa, pb = 1.0 * (fa + 1e-3), 2.0 * (fb + 1e-3)
+        exp = b[k] + (pa * (a[k] - b[k]) + pb * (moved[k] - b[k])) / (pa + pb)
+        fallback = (fa == 0) & (fb == 0)
+        exp = torch.where(fallback, b[k] + ((a[k] - b[k]) + 2.0 * (moved[k] - b[k])) / 3.0, exp)
+        assert torch.allclose(got[k], exp, atol=1e-5), k

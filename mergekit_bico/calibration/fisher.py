@@ -216,6 +216,31 @@ def fisher_diagonal(
     return fisher, n_examples
 
 
+def shifted_fingerprint(model_fingerprint: str, delta_fingerprint: str) -> str:
+    """Fingerprint of a model plus a delta (the model a transferred entry stands for)."""
+    return hashlib.sha256(f"{model_fingerprint}+{delta_fingerprint}".encode()).hexdigest()
+
+
+def _add_delta(model: torch.nn.Module, mapping: Mapping[str, Sequence[str]], lazy: Any,
+               delta: Callable[[str], Optional[torch.Tensor]], label: str) -> None:
+    """Add ``delta(checkpoint name)`` to every parameter in place (a tied parameter once, from its
+    first checkpoint name)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for pname, cks in mapping.items():
+            if not cks or pname not in params:
+                continue
+            d = delta(cks[0])
+            if d is None:
+                continue
+            p = params[pname]
+            if d.numel() != p.numel():
+                raise CalibrationError(
+                    f"{label}: delta for '{cks[0]}' has shape {list(d.shape)} but the model's parameter "
+                    f"'{pname}' has {list(p.shape)}")
+            p.add_(d.reshape(p.shape).to(device=p.device, dtype=p.dtype))
+
+
 def fisher_norm(stats: StatsFile) -> float:
     """The global L2 norm of a stats file's Fisher (recorded at calibration time)."""
     try:
@@ -262,11 +287,19 @@ def compute_fisher(
     store: StatsStore,
     progress: bool = True,
     lm_samples: int = DEFAULT_LM_SAMPLES,
+    delta: Optional[Callable[[str], Optional[torch.Tensor]]] = None,
+    delta_fingerprint: Optional[str] = None,
+    label: Optional[str] = None,
 ) -> Path:
     """Compute (or reuse) the diagonal Fisher of ``model_path`` on ``cfg.data``; return the stats file.
 
     The cache key covers ``LazyModel.fingerprint()``, the tokenizer files, the data bytes and every
     setting; a matching file is reused (logged "reusing cached Fisher statistics from ...").
+
+    ``delta``: the Fisher is taken at ``model_path`` plus ``delta(checkpoint name)`` (a tensor of the
+    checkpoint tensor's shape, or None: unchanged), e.g. a fine-tune transferred onto this base;
+    ``delta_fingerprint`` identifies that delta and replaces the model's fingerprint by
+    :func:`shifted_fingerprint` (what a reader must pass to ``store.open``).
     """
     from mergekit_bico.io.loader import LazyModel
 
@@ -274,7 +307,10 @@ def compute_fisher(
         raise CalibrationError(f"unknown Fisher estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
     path = Path(model_path)
     lazy = LazyModel(path)
-    model_fp = lazy.fingerprint()
+    if (delta is None) != (delta_fingerprint is None):
+        raise ValueError("give delta and delta_fingerprint together")
+    model_fp = lazy.fingerprint() if delta is None else shifted_fingerprint(lazy.fingerprint(), delta_fingerprint)
+    name = label or path.name
     model_config = lazy.config_dict()
     kind = loss_kind(cfg, model_config)
     if kind == CUSTOM and estimator != "empirical":
@@ -306,6 +342,9 @@ def compute_fisher(
     samples = load_samples(cfg, need_labels=need_labels)
     start = time.perf_counter()
     model, tokenizer = load_model(path, cfg, device=device)
+    mapping = checkpoint_names(model, lazy.keys())
+    if delta is not None:
+        _add_delta(model, mapping, lazy, delta, name)
     load_seconds = time.perf_counter() - start
     is_causal = kind == CAUSAL_LM or (kind == CUSTOM and head_kind(model_config) == CAUSAL_LM)
     batches = [
@@ -322,11 +361,10 @@ def compute_fisher(
         lm_samples=lm_samples,
         seed=cfg.seed,
         progress=progress,
-        desc=f"Fisher {path.name}",
+        desc=f"Fisher {name}",
     )
     seconds = time.perf_counter() - start
 
-    mapping = checkpoint_names(model, lazy.keys())
     tensors: dict[str, torch.Tensor] = {}
     for name, ck_names in mapping.items():
         for ck in ck_names:
@@ -350,6 +388,7 @@ def compute_fisher(
     metadata = {
         "model_fingerprint": model_fp,
         "model_path": str(path),
+        **({} if delta is None else {"delta": label or "delta", "delta_fingerprint": delta_fingerprint}),
         "data_path": str(cfg.data),
         "statistic": "diagonal_fisher",
         "estimator": estimator,
@@ -364,7 +403,7 @@ def compute_fisher(
     out = store.save(FISHER_KIND, key, tensors, metadata)
     logger.info(
         "Fisher statistics of '%s': %d examples in %.1f s (model load %.1f s) -> %s",
-        path, n_examples, seconds, load_seconds, out,
+        path if delta is None else name, n_examples, seconds, load_seconds, out,
     )
     del model
     return out

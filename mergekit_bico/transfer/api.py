@@ -121,6 +121,7 @@ class PreparedTransfer:
         self._report = report
         self.layer_map = layer_map
         self.compute_dtype = torch.float64
+        self.calibration: Optional[CalibrationConfig] = None    # set by prepare_transfer
 
     # -- subclass hook ------------------------------------------------------------------------
     def _delta(self, name: str, spec: TensorSpec) -> Optional[torch.Tensor]:  # pragma: no cover - abstract
@@ -164,6 +165,27 @@ class PreparedTransfer:
             return None
         finally:
             self._report.timings["deltas_s"] += time.perf_counter() - started
+
+    def fingerprint(self) -> str:
+        """Identity of the transferred model (target base + this delta): the three models' weight
+        fingerprints, the transfer settings and the calibration data that fit it. Keys statistics
+        computed at the transferred model (the Fisher of a transferred entry)."""
+        import hashlib
+        import json
+
+        from mergekit_bico.calibration.data import data_fingerprint
+
+        calib = self.calibration
+        blob = json.dumps({
+            "method": self.method,
+            "source_base": self.ctx.source_base.fingerprint(),
+            "source_finetuned": self.ctx.source_ft.fingerprint(),
+            "target": self.ctx.target.fingerprint(),
+            "transfer": self.ctx.cfg.model_dump(mode="json", exclude={"source_base", "calibration"}),
+            "calibration": None if calib is None else {**calib.model_dump(mode="json", exclude={"data"}),
+                                                       "data": data_fingerprint(calib)},
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def report(self) -> dict[str, Any]:
         return self._report.to_dict()
@@ -220,10 +242,14 @@ def prepare_transfer(
         if cfg.method == "bico":
             from mergekit_bico.transfer.bico import prepare_bico
 
-            return prepare_bico(ctx, calibration, cache_dir=Path(cache_dir), device=device, progress=progress, norm_rule=norm_rule)
-        from mergekit_bico.transfer.baselines import prepare_baseline
+            prepared = prepare_bico(ctx, calibration, cache_dir=Path(cache_dir), device=device, progress=progress,
+                                    norm_rule=norm_rule)
+        else:
+            from mergekit_bico.transfer.baselines import prepare_baseline
 
-        return prepare_baseline(ctx, calibration, cache_dir=Path(cache_dir), device=device, progress=progress)
+            prepared = prepare_baseline(ctx, calibration, cache_dir=Path(cache_dir), device=device, progress=progress)
+        prepared.calibration = calibration
+        return prepared
     except MergeKitBicoError:
         ctx.close()
         raise
