@@ -21,6 +21,18 @@ def _needs_fisher(plan: Plan) -> bool:
     return bool(getattr(plan.method, "needs_stats", False))
 
 
+def _check_fisher_calibration(plan: Plan) -> None:
+    """Every entry of a Fisher merge has calibration data (checked before any transfer is prepared)."""
+    if not _needs_fisher(plan):
+        return
+    for entry in plan.entries:
+        if entry.calibration is None:
+            raise ConfigError(
+                f"{entry.label}: merge_method 'fisher' needs calibration data "
+                "(a calibration: block on the model entry or at the top level)"
+            )
+
+
 def _prepare_fisher(plan: Plan, inputs: Inputs, cache_dir: Path, device: str, progress: bool) -> Iterator[str]:
     """The Fisher of every entry on its calibration data. A transferred entry stands for the target
     base plus its transferred delta, so its Fisher is taken there (in the target's shapes and
@@ -30,12 +42,8 @@ def _prepare_fisher(plan: Plan, inputs: Inputs, cache_dir: Path, device: str, pr
 
     store = StatsStore(cache_dir)
     settings = plan.jobs[0].global_params if plan.jobs else {}
+    _check_fisher_calibration(plan)
     for i, entry in enumerate(plan.entries):
-        if entry.calibration is None:
-            raise ConfigError(
-                f"{entry.label}: merge_method 'fisher' needs calibration data "
-                "(a calibration: block on the model entry or at the top level)"
-            )
         started = time.perf_counter()
         common = dict(device=device, store=store, progress=progress,
                       estimator=settings.get("fisher_estimator", "expected"), lm_samples=settings.get("lm_samples", 1))
@@ -97,6 +105,7 @@ def run_merge(
     cache_dir = options.cache_dir or default_cache_dir(out_path)
 
     def prepare(inputs: Inputs) -> list[Any]:
+        _check_fisher_calibration(plan)
         prepared, lines = _prepare_transfers(plan, inputs, cache_dir, options.device, options.progress)
         for line in lines:
             log.info(line)
@@ -112,6 +121,7 @@ def calibrate_only(config: MergeConfig, config_path: Path, cache_dir: Path, *, d
     """Compute (or find cached) every statistic ``config`` needs; yields one line per item."""
     plan = build_plan(config, config_dir=config_path.parent)
     inputs = Inputs(plan, RunOptions(device=device, progress=progress), None)
+    _check_fisher_calibration(plan)
     _, lines = _prepare_transfers(plan, inputs, cache_dir, device, progress)
     yield from lines
     if _needs_fisher(plan):

@@ -185,3 +185,26 @@ def test_fisher_of_a_transferred_entry_is_taken_at_the_transferred_model(tmp_pat
         fallback = (fa == 0) & (fb == 0)
         exp = torch.where(fallback, b[k] + ((a[k] - b[k]) + 2.0 * (moved[k] - b[k])) / 3.0, exp)
         assert torch.allclose(got[k], exp, atol=1e-5), k
+
+
+def test_fisher_without_calibration_fails_before_any_transfer_is_prepared(tmp_path):
+    from tests._tiny import make_tiny_causal_lm
+    from tests.conftest import make_variant
+
+    base = make_tiny_causal_lm(tmp_path / "base", arch="llama", seed=1)
+    ft_a = make_variant(base, tmp_path / "ft-a", seed=11)
+    old = make_tiny_causal_lm(tmp_path / "old-base", arch="llama", seed=2)
+    old_ft = make_variant(old, tmp_path / "old-ft", seed=33)
+    write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in TEXTS_B * 3])
+    calib = {"data": str(tmp_path / "b.jsonl"), "samples": 9, "max_length": 16}
+    cfg = {"merge_method": "fisher", "base_model": str(base), "dtype": "float32",
+           "models": [{"model": str(old_ft), "transfer": {"method": "bico", "source_base": str(old), "calibration": calib},
+                       "calibration": calib},
+                      {"model": str(ft_a)}]}
+    (tmp_path / "f.yml").write_text(yaml.safe_dump(cfg))
+    cache = tmp_path / "cache"
+    r = CliRunner().invoke(yaml_main, [str(tmp_path / "f.yml"), str(tmp_path / "out"), "--cache-dir", str(cache), "--quiet"])
+    assert r.exit_code == 2, r.output
+    assert "models[1]" in r.output and "needs calibration data" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
+    assert not list(cache.rglob("*.safetensors"))        # no BiCo statistics were computed first

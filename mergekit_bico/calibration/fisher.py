@@ -310,7 +310,7 @@ def compute_fisher(
     if (delta is None) != (delta_fingerprint is None):
         raise ValueError("give delta and delta_fingerprint together")
     model_fp = lazy.fingerprint() if delta is None else shifted_fingerprint(lazy.fingerprint(), delta_fingerprint)
-    name = label or path.name
+    shown = label or path.name
     model_config = lazy.config_dict()
     kind = loss_kind(cfg, model_config)
     if kind == CUSTOM and estimator != "empirical":
@@ -344,7 +344,7 @@ def compute_fisher(
     model, tokenizer = load_model(path, cfg, device=device)
     mapping = checkpoint_names(model, lazy.keys())
     if delta is not None:
-        _add_delta(model, mapping, lazy, delta, name)
+        _add_delta(model, mapping, lazy, delta, shown)
     load_seconds = time.perf_counter() - start
     is_causal = kind == CAUSAL_LM or (kind == CUSTOM and head_kind(model_config) == CAUSAL_LM)
     batches = [
@@ -361,7 +361,7 @@ def compute_fisher(
         lm_samples=lm_samples,
         seed=cfg.seed,
         progress=progress,
-        desc=f"Fisher {name}",
+        desc=f"Fisher {shown}",
     )
     seconds = time.perf_counter() - start
 
@@ -403,7 +403,7 @@ def compute_fisher(
     out = store.save(FISHER_KIND, key, tensors, metadata)
     logger.info(
         "Fisher statistics of '%s': %d examples in %.1f s (model load %.1f s) -> %s",
-        path if delta is None else name, n_examples, seconds, load_seconds, out,
+        path if delta is None else shown, n_examples, seconds, load_seconds, out,
     )
     del model
     return out
