@@ -36,13 +36,13 @@ def _check_fisher_calibration(plan: Plan) -> None:
 def _prepare_fisher(plan: Plan, inputs: Inputs, cache_dir: Path, device: str, progress: bool) -> Iterator[str]:
     """The Fisher of every entry on its calibration data. A transferred entry stands for the target
     base plus its transferred delta, so its Fisher is taken there (in the target's shapes and
-    names), never at the source fine-tune: run after :func:`_prepare_transfers`."""
+    names), never at the source fine-tune: run after :func:`_prepare_transfers` (and
+    :func:`_check_fisher_calibration` before both)."""
     from mergekit_bico.calibration.fisher import compute_fisher, fisher_norm, shifted_fingerprint
     from mergekit_bico.calibration.store import StatsStore
 
     store = StatsStore(cache_dir)
     settings = plan.jobs[0].global_params if plan.jobs else {}
-    _check_fisher_calibration(plan)
     for i, entry in enumerate(plan.entries):
         started = time.perf_counter()
         common = dict(device=device, store=store, progress=progress,
