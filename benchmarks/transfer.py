@@ -455,7 +455,7 @@ def run_fisher_composition(setting: str, seed: int, source: Path, target: Path, 
             models = []
             for t in tasks:
                 entry = _expert_entry(ctxs[t], source, t, weights[t])
-                entry["calibration"] = calibration_block(t, ctxs[t].calibration(MAIN_SIZE), MAIN_SIZE)
+                entry["calibration"] = entry["transfer"]["calibration"]      # the Fisher's data: the same labels
                 models.append(entry)
             config = {"merge_method": "fisher", "base_model": str(target), "dtype": "float32", "models": models,
                       "parameters": dict(FISHER_PARAMETERS)}
@@ -632,7 +632,7 @@ def check_targets(summary: dict[str, Any], compose: list[dict[str, Any]]) -> lis
         checks.append({"check": "mean gain recovery of bico-128 over tasks/settings with gain >= 10 points",
                        "value": f"{100 * avg:.0f}%", "target": ">= 60%", "result": "PASS" if avg >= 0.6 else "FAIL"})
     for c in compose:
-        for merge in ("ties", "dare_ties", "fisher", "task_arithmetic"):
+        for merge in ("ties", "dare_ties", "fisher", "task_arithmetic"):     # the targets first
             if merge not in c:
                 continue
             for t in COMPOSE_TASKS:

@@ -43,10 +43,10 @@ def _prepare_fisher(plan: Plan, inputs: Inputs, cache_dir: Path, device: str, pr
 
     store = StatsStore(cache_dir)
     settings = plan.jobs[0].global_params if plan.jobs else {}
+    common = dict(device=device, store=store, progress=progress,
+                  estimator=settings.get("fisher_estimator", "expected"), lm_samples=settings.get("lm_samples", 1))
     for i, entry in enumerate(plan.entries):
         started = time.perf_counter()
-        common = dict(device=device, store=store, progress=progress,
-                      estimator=settings.get("fisher_estimator", "expected"), lm_samples=settings.get("lm_samples", 1))
         if entry.transfer is not None:
             prepared = inputs.transfers[entry.transfer_index]
             delta_fp = prepared.fingerprint()

@@ -221,7 +221,7 @@ def shifted_fingerprint(model_fingerprint: str, delta_fingerprint: str) -> str:
     return hashlib.sha256(f"{model_fingerprint}+{delta_fingerprint}".encode()).hexdigest()
 
 
-def _add_delta(model: torch.nn.Module, mapping: Mapping[str, Sequence[str]], lazy: Any,
+def _add_delta(model: torch.nn.Module, mapping: Mapping[str, Sequence[str]],
                delta: Callable[[str], Optional[torch.Tensor]], label: str) -> None:
     """Add ``delta(checkpoint name)`` to every parameter in place (a tied parameter once, from its
     first checkpoint name)."""
@@ -344,7 +344,7 @@ def compute_fisher(
     model, tokenizer = load_model(path, cfg, device=device)
     mapping = checkpoint_names(model, lazy.keys())
     if delta is not None:
-        _add_delta(model, mapping, lazy, delta, shown)
+        _add_delta(model, mapping, delta, shown)
     load_seconds = time.perf_counter() - start
     is_causal = kind == CAUSAL_LM or (kind == CUSTOM and head_kind(model_config) == CAUSAL_LM)
     batches = [
