@@ -58,6 +58,9 @@ wordnet:
 # TRANSFER_ARGS=` runs every task in every setting (longer still)
 TRANSFER_ARGS ?= --tasks wordnet subjectivity sentiment --seed-tasks wordnet subjectivity --other-tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --fewshot-settings real reverse version
 
+# identity_prior on a stronger release drift (the `version` base continued-trained at lr 5e-4, seed 0)
+PRIOR_ARGS ?= --settings real version --tasks wordnet --seeds 0 --version-lr 5e-4 --identity-prior 0.1 1 3 --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior
+
 bench: $(STAMP_BENCH) wordnet
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 	$(PY) -m benchmarks.merge_speed
@@ -65,6 +68,7 @@ bench: $(STAMP_BENCH) wordnet
 	$(PY) -m benchmarks.bico_cost
 	$(PY) -m benchmarks.load
 	$(PY) -m benchmarks.transfer $(TRANSFER_ARGS)
+	$(PY) -m benchmarks.transfer $(PRIOR_ARGS)
 	$(PY) -m benchmarks.readme_tables
 
 clean:

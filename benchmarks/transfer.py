@@ -66,6 +66,9 @@ COMPOSE_TASKS = ("subjectivity", "wordnet")
 # continued-training steps of the widened model (the `version` model gets 400): a step of the
 # 768-wide model costs ~4x one of the 384-wide, 400 of them would take ~50 min on 2 cores
 WIDTH_CONTINUED_STEPS = 100
+# learning rate of the `version` model's continued training (``--version-lr``): 5e-5 moves the
+# weights by 0.8%; 5e-4 (same 400 steps) by 6.8%, a drift where naive transfer starts to lose
+VERSION_LR = 5e-5
 # composition: the experts' relative weights (factors on the weight each got alone, in the order of
 # COMPOSE_TASKS), TIES / DARE-TIES density and the merged delta's scale (lambda) are chosen together
 # on validation, to maximise the smaller of the tasks' kept gains (the composition target's own
@@ -99,13 +102,15 @@ CORE = ("naive", "gradfix", f"bico-{MAIN_SIZE}", "bico-activations")
 ABLATIONS = ("bico-norms", "bico-tied", "bico-combined")
 
 
-def methods_for(sizes: tuple[int, ...], ablations: bool) -> list[Method]:
-    """The core comparison (every seed of every setting) and, with ``ablations``, the calibration
-    sizes and BiCo's options (first seed of the main setting)."""
+def methods_for(sizes: tuple[int, ...], ablations: bool, priors: tuple[float, ...] = ()) -> list[Method]:
+    """The core comparison (every seed of every setting), BiCo with each ``identity_prior`` of
+    ``priors`` (``--identity-prior``) and, with ``ablations``, the calibration sizes and BiCo's
+    options (first seed of the main setting)."""
     out = [Method("naive", {"method": "naive"}, None, True),
            Method("gradfix", {"method": "gradfix"}, MAIN_SIZE, True),
            Method(f"bico-{MAIN_SIZE}", {"method": "bico"}, MAIN_SIZE),
            Method("bico-activations", {"method": "bico", "output_space": "activations"})]
+    out += [Method(prior_method(p), {"method": "bico", "identity_prior": p}) for p in priors]
     if ablations:
         out += [Method(f"bico-{n}", {"method": "bico"}, n) for n in sizes if n != MAIN_SIZE]
         out += [Method("bico-norms", {"method": "bico", "scale": "norms"}),
@@ -114,11 +119,15 @@ def methods_for(sizes: tuple[int, ...], ablations: bool) -> list[Method]:
     return out
 
 
+def prior_method(prior: float) -> str:
+    return f"bico-prior{prior:g}"
+
+
 # ---------------------------------------------------------------------------------------------
 # models
 
 
-def setting_models(setting: str) -> tuple[Path, Path]:
+def setting_models(setting: str, version_lr: float = VERSION_LR) -> tuple[Path, Path]:
     """(source base, target base) folders of a setting (built and cached on first use)."""
     from benchmarks.realmodels import variants
 
@@ -128,7 +137,7 @@ def setting_models(setting: str) -> tuple[Path, Path]:
     if setting == "reverse":
         return b, a
     if setting == "version":
-        return a, variants.continued_dir(a)
+        return a, variants.continued_dir(a, variants.ContinuedSettings(lr=version_lr))
     if setting == "width":
         return a, variants.widened_dir(a, variants.ContinuedSettings(steps=WIDTH_CONTINUED_STEPS))
     raise ValueError(f"unknown setting {setting!r}; use one of {', '.join(SETTINGS)}")
@@ -484,6 +493,8 @@ class Plan:
     ablations: bool
     budget: dict[str, Any] = field(default_factory=dict)
     fewshot_settings: dict[str, Any] = field(default_factory=dict)
+    priors: tuple[float, ...] = ()       # extra BiCo runs with these identity priors
+    version_lr: float = VERSION_LR
 
     def tasks_at(self, setting: str, seed: int) -> tuple[str, ...]:
         """The tasks of ``setting`` run at ``seed``: all at the first seed, ``seed_tasks`` at the others."""
@@ -515,14 +526,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 fewshot=() if args.no_fewshot else tuple(args.fewshot_settings or settings),
                 ablations=not args.no_ablations,
                 budget={"steps": args.steps, "batch_size": args.batch_size},
-                fewshot_settings={"lrs": (3e-5, 1e-4), "max_epochs": 8})
+                fewshot_settings={"lrs": (3e-5, 1e-4), "max_epochs": 8},
+                priors=tuple(args.identity_prior or ()), version_lr=args.version_lr)
 
 
 def run(plan: Plan, log: Any = print) -> dict[str, Any]:
     units: list[dict[str, Any]] = []
     compose: list[dict[str, Any]] = []
     for setting in plan.settings:
-        source, target = setting_models(setting)
+        source, target = setting_models(setting, plan.version_lr)
         compatible = same_shapes(source, target)
         seeds = plan.seeds[setting]
         for seed in seeds:
@@ -533,7 +545,7 @@ def run(plan: Plan, log: Any = print) -> dict[str, Any]:
                 refs = run_references(ctx, seed)
                 row: dict[str, Any] = {"setting": setting, "task": task, "seed": seed, **refs, "methods": {}}
                 ablate = plan.ablations and setting == "real" and seed == seeds[0]
-                for m in methods_for(plan.sizes, ablate):
+                for m in methods_for(plan.sizes, ablate, plan.priors):
                     row["methods"][m.name] = run_transfer(ctx, m, compatible)
                 if setting in plan.fewshot:
                     row["methods"]["fewshot-128"] = run_fewshot(ctx)
@@ -647,7 +659,8 @@ def render(report: dict[str, Any]) -> str:
     s = report["summary"]
     sizes = report["plan"]["sizes"]
     methods = ["naive", "gradfix", f"bico-{MAIN_SIZE}", "bico-activations", "fewshot-128"] + \
-        [f"bico-{n}" for n in sizes if n != MAIN_SIZE] + list(ABLATIONS)
+        [f"bico-{n}" for n in sizes if n != MAIN_SIZE] + list(ABLATIONS) + \
+        [prior_method(p) for p in report["plan"].get("priors", ())]
     head = ["setting", "task", "seeds", "target zero-shot"] + methods + ["target fine-tuned"]
     lines = [
         "# Transfer benchmark: BiCo vs baselines on real pretrained encoders",
@@ -663,11 +676,11 @@ def render(report: dict[str, Any]) -> str:
         "(target fine-tuned - target zero-shot). `bico-N`: N labelled calibration examples; the other "
         f"calibrated methods use {MAIN_SIZE}; `fewshot-128`: the target fine-tuned on those {MAIN_SIZE} examples. "
         "Settings: real = all-MiniLM-L6-v2 -> paraphrase-MiniLM-L3-v2; reverse = L3 -> L6; version = L6 -> L6 "
-        "after continued training (400 steps); width = L6 -> L6 widened to 768 and continued-trained "
+        f"after continued training (400 steps, lr {report['plan'].get('version_lr', VERSION_LR):g}); width = L6 -> L6 widened to 768 and continued-trained "
         f"({WIDTH_CONTINUED_STEPS} steps). `naive` and `gradfix` need equal shapes (not width). An empty cell: "
         "not run (see the command). The columns after "
         "`fewshot-128` are ablations, run on the first seed of setting real: other calibration sizes, `scale: norms`, "
-        "`tie_maps: true` and `output_space: combined`.",
+        "`tie_maps: true` and `output_space: combined`; then `bico-priorP`: `identity_prior: P` (`--identity-prior`).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -768,6 +781,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-fewshot", action="store_true")
     p.add_argument("--fewshot-settings", nargs="+", choices=SETTINGS,
                    help="settings that get the few-shot baseline (default: all; it is the dearest unit)")
+    p.add_argument("--identity-prior", nargs="+", type=float,
+                   help="also run BiCo with each of these identity_prior values (every setting and seed of the run)")
+    p.add_argument("--version-lr", type=float, default=VERSION_LR,
+                   help=f"learning rate of the `version` base's continued training (default {VERSION_LR:g})")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--results", default=str(RESULTS_DIR))
     args = p.parse_args(argv)

@@ -75,6 +75,7 @@ class TransferConfig(StrictModel):
     layer_map: Union[Literal["index", "similarity"], list[Optional[int]]] = "index"
     scale: Literal["none", "norms"] = "none"
     tie_maps: bool = False
+    identity_prior: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     memory_budget: Optional[Union[str, int]] = None
     calibration: Optional[CalibrationConfig] = None
 

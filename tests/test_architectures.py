@@ -216,8 +216,10 @@ def _perturbed(src: Path, dst: Path, family: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "bert"])
-def test_self_transfer_reproduces_the_finetune(tiny_models, tmp_path, family):
+@pytest.mark.parametrize("family,prior", [("qwen2", 0.0), ("mistral", 0.0), ("bert", 0.0), ("bert", 1.0)])
+def test_self_transfer_reproduces_the_finetune(tiny_models, tmp_path, family, prior):
+    """Source base = target base: every map is the identity, with or without an identity prior
+    (C is then a Gram matrix, so C + beta I is positive definite and its polar factor is I)."""
     import random
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -234,7 +236,7 @@ def test_self_transfer_reproduces_the_finetune(tiny_models, tmp_path, family):
     rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(12, 20))), "label": rng.randint(0, 1)}
             for _ in range(80)]
     calib = CalibrationConfig(data=str(write_jsonl(tmp_path / "c.jsonl", rows)), samples=80, max_length=24, batch_size=16)
-    prepared = prepare_transfer(cfg=TransferConfig(source_base=str(a), output_space="combined"), source_finetuned=ft,
+    prepared = prepare_transfer(cfg=TransferConfig(source_base=str(a), output_space="combined", identity_prior=prior), source_finetuned=ft,
                                 target_base=a, calibration=calib, cache_dir=tmp_path / "cache", progress=False)
     cls = AutoModelForSequenceClassification if family == "bert" else AutoModelForCausalLM
     model = cls.from_pretrained(str(a), dtype=torch.float64).eval()

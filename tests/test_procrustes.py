@@ -232,3 +232,37 @@ def test_fast_completion_equals_complete_qr(monkeypatch, eigh, shape, rank):
     torch.testing.assert_close(got.r, ref, rtol=0, atol=1e-9)
     gram = got.r.T @ got.r if shape[0] >= shape[1] else got.r @ got.r.T
     torch.testing.assert_close(gram, torch.eye(min(shape), dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("prior,theta", [(1.0, math.pi / 2), (0.5, math.pi / 3), (3.0, 2.0)])
+def test_identity_prior_two_by_two_closed_form(prior, theta):
+    """C = s Rot(theta): ||C||_F / sqrt(2) = s, so beta = prior * s and C + beta I is a scaled rotation
+    by atan2(sin theta, cos theta + prior); e.g. theta = 90 degrees, prior 1: 45 degrees."""
+    s = 2.5
+    rot = lambda t: torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=torch.float64)
+    c = s * rot(theta)
+    fit = procrustes(c, prior=prior)
+    expected = rot(math.atan2(math.sin(theta), math.cos(theta) + prior))
+    torch.testing.assert_close(fit.r, expected, rtol=0, atol=1e-12)
+    assert math.isclose(fit.trace_rc, float((expected * c).sum()), rel_tol=1e-12)   # of C, not C + beta I
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (8, 12), (12, 8)])
+def test_identity_prior_limits_and_feasibility(shape):
+    """prior 0 is the plain fit; a huge prior gives the (zero-padded) identity; any prior keeps R
+    (semi-)orthogonal; a rank-deficient C gets its weak directions from the prior, not completed."""
+    gen = torch.Generator().manual_seed(7)
+    c = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    plain = procrustes(c)
+    torch.testing.assert_close(procrustes(c, prior=0.0).r, plain.r, rtol=0, atol=0)
+    eye = torch.eye(*shape, dtype=torch.float64)
+    assert float((procrustes(c, prior=1e6).r - eye).abs().max()) < 1e-5
+    mid = procrustes(c, prior=1.0).r
+    gram = mid.T @ mid if shape[0] >= shape[1] else mid @ mid.T
+    torch.testing.assert_close(gram, torch.eye(min(shape), dtype=torch.float64), rtol=0, atol=1e-10)
+    assert float((mid - plain.r).abs().max()) > 1e-2 and float((mid - eye).abs().max()) > 1e-2
+    low = c[:, :1] @ c[:1, :]                                    # rank 1
+    fit = procrustes(low, prior=1e-3)
+    assert fit.rank == min(shape)                                # C + beta I has full rank
+    gram = fit.r.T @ fit.r if shape[0] >= shape[1] else fit.r @ fit.r.T
+    torch.testing.assert_close(gram, torch.eye(min(shape), dtype=torch.float64), rtol=0, atol=1e-10)

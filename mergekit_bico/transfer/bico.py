@@ -187,12 +187,14 @@ def fit_maps(
     *,
     rtol: float = DEFAULT_RTOL,
     ties: Sequence[tuple[str, ...]] = (),
+    prior: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Procrustes maps for every (target layer, space) of one pass, SVDs batched by shape.
 
     Output spaces with both ``G`` and ``Y`` statistics use the combined rule (normalised sum).
     ``ties``: groups of spaces of one block that must share one map (same sizes on both sides);
     the map is fitted once from all their statistics (normalised sum) and stored under each name.
+    ``prior``: identity prior of the Procrustes fits (``identity_prior``; 0: none).
     Returns ``({map name: R float32 (d_A, d_B)}, report rows)``.
     """
     groups: dict[tuple[Optional[int], str], list[PairSpec]] = {}
@@ -226,7 +228,7 @@ def fit_maps(
     fits: dict[int, Any] = {}
     for shape, idx in by_shape.items():
         stack = torch.stack([entries[k]["comb"]["c"] for k in idx])
-        for k, fit in zip(idx, procrustes_batched(stack, rtol=rtol)):
+        for k, fit in zip(idx, procrustes_batched(stack, rtol=rtol, prior=prior)):
             fits[k] = fit
     for k, e in enumerate(entries):
         fit = fits[k]
@@ -246,7 +248,7 @@ def fit_maps(
             if len(parts) > 1:
                 for stat, st in parts:
                     row[f"residual_{stat}"] = _residual(fit.r, _combine([(stat, st)]))
-            if fit.rank < min(d_a, d_b):
+            if fit.rank < min(d_a, d_b) and not prior:
                 row["note"] = "rank-deficient statistics: unseen directions completed closest to identity"
             rows.append(row)
             if fit.rank == 0:
@@ -400,7 +402,7 @@ def prepare_bico(
         target_base=str(ctx.target_path),
         settings={
             "statistics": cfg.statistics, "output_space": cfg.output_space, "layer_map": cfg.layer_map,
-            "scale": cfg.scale, "tie_maps": cfg.tie_maps,
+            "scale": cfg.scale, "tie_maps": cfg.tie_maps, "identity_prior": cfg.identity_prior,
             "memory_budget": cfg.memory_budget, "norm_rule": norm_rule, "rank_rtol": rtol,
             "calibration": {k: v for k, v in calibration.model_dump().items()},
         },
@@ -423,6 +425,8 @@ def prepare_bico(
         tie_maps=cfg.tie_maps,
         layer_map=cfg.layer_map,
         rtol=rtol,
+        # only when set: maps cached before the option existed stay valid
+        **({"identity_prior": cfg.identity_prior} if cfg.identity_prior else {}),
     )
     manifest_path = store.lookup("bico_index", key)
     if manifest_path is not None:
@@ -552,7 +556,8 @@ def _compute(ctx, calibration, store, key, fp_target, static_map, budget, device
         timings["statistics_s"] += time.perf_counter() - t0
         stats_peak = max(stats_peak, peak)
         t0 = time.perf_counter()
-        maps, rows = fit_maps(stats, group, rtol=rtol, ties=ctx.arch_target.tied_spaces if cfg.tie_maps else ())
+        maps, rows = fit_maps(stats, group, rtol=rtol, ties=ctx.arch_target.tied_spaces if cfg.tie_maps else (),
+                               prior=cfg.identity_prior)
         del stats
         store.save("bico_maps", part_key, maps, {"model_fingerprint": fp_target, "model_path": str(ctx.target_path),
                                                  "index": key, "part": str(k), "rows": json.dumps(rows),

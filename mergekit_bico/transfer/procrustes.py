@@ -24,6 +24,14 @@ The residual ``||X_A R - X_B||_F / ||X_B||_F`` follows from second moments:
 ``||X_A R - X_B||^2 = tr(R^T M_A R) - 2 tr(R^T C) + tr(M_B)`` with ``M = X^T X``; and
 ``tr(R^T C) = sum(s)`` for ``R = U V^T``. When ``d_A <= d_B`` (``R R^T = I``) the first term is
 ``tr(M_A)``, so only traces are needed; otherwise the full ``M_A`` is.
+
+Identity prior (``prior > 0``): the fit maximises ``tr(R^T C) + beta tr(R^T I_{d_A x d_B})``, i.e.
+trades the data term against closeness to the identity (``||R - I||_F^2 = const - 2 tr(R^T I)`` over
+the feasible set), so ``R`` is the polar factor of ``C + beta I`` with ``beta = prior * ||C||_F /
+sqrt(min(d_A, d_B))`` (``prior`` in units of the root-mean-square singular value of ``C``).
+Directions whose singular values are far above ``beta`` follow the statistics, the weak and unseen
+ones stay near the identity: the right prior when both bases share coordinates (a later release of
+the same model), where a weak direction's fitted rotation is mostly calibration noise.
 """
 
 from __future__ import annotations
@@ -126,16 +134,23 @@ def _identity_rows(n: torch.Tensor, d: int) -> torch.Tensor:
     return torch.cat([n, n.new_zeros(d - n.shape[0], n.shape[1])])
 
 
-def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> list[ProcrustesFit]:
+def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL, prior: float = 0.0) -> list[ProcrustesFit]:
     """Procrustes maps for a stack ``c`` (b, d_A, d_B) of cross-covariances, one batched float64 SVD.
 
     Returns one :class:`ProcrustesFit` per matrix; rank-deficient matrices get the
-    closest-to-identity completion (see the module docstring).
+    closest-to-identity completion; ``prior > 0`` fits ``C + beta I`` instead (identity prior, see
+    the module docstring; ``singular_values`` and ``rank`` are then those of that matrix, while
+    ``trace_rc`` stays ``tr(R^T C)`` of the statistics).
     """
     if c.dim() == 2:
         c = c.unsqueeze(0)
     c = c.to(torch.float64)
     d_a, d_b = c.shape[1:]
+    data = c
+    if prior > 0:
+        beta = prior * torch.linalg.matrix_norm(c) / min(d_a, d_b) ** 0.5
+        eye = torch.eye(d_a, d_b, dtype=c.dtype, device=c.device)
+        c = c + beta[:, None, None] * eye
     if min(d_a, d_b) >= EIGH_MIN_DIM:
         u, s, vh = _svd_by_eigh(c)
         rtol = max(rtol, EIGH_RTOL)
@@ -152,7 +167,7 @@ def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> list[P
             r_i = _complete(c[i], u[i], vh[i], rank, u_full=u_full, v_full=v_full)
         else:
             r_i = u[i] @ vh[i]
-        fits.append(ProcrustesFit(r=r_i, singular_values=s_i, rank=rank, trace_rc=float((r_i * c[i]).sum())))
+        fits.append(ProcrustesFit(r=r_i, singular_values=s_i, rank=rank, trace_rc=float((r_i * data[i]).sum())))
     return fits
 
 
@@ -174,9 +189,10 @@ def _svd_by_eigh(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return u, s, q.transpose(1, 2)
 
 
-def procrustes(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL) -> ProcrustesFit:
-    """Procrustes map ``R`` (d_A x d_B) minimising ``||X_A R - X_B||_F`` from ``C = X_A^T X_B``."""
-    return procrustes_batched(c, rtol=rtol)[0]
+def procrustes(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL, prior: float = 0.0) -> ProcrustesFit:
+    """Procrustes map ``R`` (d_A x d_B) minimising ``||X_A R - X_B||_F`` from ``C = X_A^T X_B``
+    (with ``prior > 0``: plus ``prior`` times the identity term, see the module docstring)."""
+    return procrustes_batched(c, rtol=rtol, prior=prior)[0]
 
 
 def relative_residual(
