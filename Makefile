@@ -54,9 +54,9 @@ wordnet:
 	  mkdir -p .cache/wordnet && cd .cache/wordnet && apt-get download wordnet-base && dpkg -x wordnet-base_*.deb .; \
 	fi
 
-# the transfer run the README reports (291 min of compute on 2 cores, measured); `make bench
+# the transfer run the README reports (296 min of compute on 2 cores, measured); `make bench
 # TRANSFER_ARGS=` runs every task in every setting (longer still)
-TRANSFER_ARGS ?= --tasks wordnet subjectivity sentiment --seed-tasks wordnet subjectivity --other-tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --fewshot-settings real reverse version
+TRANSFER_ARGS ?= --tasks wordnet subjectivity sentiment --seed-tasks wordnet subjectivity --other-tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --fewshot-settings real reverse version --identity-prior 1 --prior-settings version
 
 # identity_prior on a stronger release drift (the `version` base continued-trained at lr 5e-4, seed 0)
 PRIOR_ARGS ?= --settings real version --tasks wordnet --seeds 0 --version-lr 5e-4 --identity-prior 0.1 1 3 --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior

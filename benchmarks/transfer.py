@@ -34,6 +34,12 @@ gain recovery = (method - target zero-shot) / (target fine-tuned - target zero-s
 Everything is cached under ``.cache/`` (fine-tunes, variants, calibration statistics, one JSON per
 unit of results under ``.cache/transfer/units``), so an interrupted run resumes. Outputs:
 ``benchmarks/results/transfer.json``, ``transfer.md`` and ``transfer.png`` (with matplotlib).
+
+    python -m benchmarks.transfer --rerender benchmarks/results/transfer.json   # md/png again from its units
+    python -m benchmarks.transfer --combine all.json version.json --results DIR  # one report from two runs
+
+``--combine`` merges results files (a later file's rows of a (setting, task, seed) replace an
+earlier one's; two target models within one setting are refused) and lists each row's command.
 """
 
 from __future__ import annotations
@@ -66,9 +72,10 @@ COMPOSE_TASKS = ("subjectivity", "wordnet")
 # continued-training steps of the widened model (the `version` model gets 400): a step of the
 # 768-wide model costs ~4x one of the 384-wide, 400 of them would take ~50 min on 2 cores
 WIDTH_CONTINUED_STEPS = 100
-# learning rate of the `version` model's continued training (``--version-lr``): 5e-5 moves the
-# weights by 0.8%; 5e-4 (same 400 steps) by 6.8%, a drift where naive transfer starts to lose
-VERSION_LR = 5e-5
+# learning rate of the `version` model's continued training (``--version-lr``): 5e-4 moves the
+# weights by 6.8% in 400 steps, a drift where naive transfer loses a fifth of the gain; 5e-5 (the
+# earlier default) moved them by 0.8%, too little to tell the methods apart (naive kept 98%)
+VERSION_LR = 5e-4
 # composition: the experts' relative weights (factors on the weight each got alone, in the order of
 # COMPOSE_TASKS), TIES / DARE-TIES density and the merged delta's scale (lambda) are chosen together
 # on validation, to maximise the smaller of the tasks' kept gains (the composition target's own
@@ -119,8 +126,11 @@ def methods_for(sizes: tuple[int, ...], ablations: bool, priors: tuple[float, ..
     return out
 
 
+PRIOR_PREFIX = "bico-prior"
+
+
 def prior_method(prior: float) -> str:
-    return f"bico-prior{prior:g}"
+    return f"{PRIOR_PREFIX}{prior:g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +504,12 @@ class Plan:
     budget: dict[str, Any] = field(default_factory=dict)
     fewshot_settings: dict[str, Any] = field(default_factory=dict)
     priors: tuple[float, ...] = ()       # extra BiCo runs with these identity priors
+    prior_settings: Optional[tuple[str, ...]] = None   # settings that get them (None: all)
     version_lr: float = VERSION_LR
+
+    def priors_at(self, setting: str) -> tuple[float, ...]:
+        """The identity priors run in ``setting`` (``--identity-prior`` within ``--prior-settings``)."""
+        return self.priors if self.prior_settings is None or setting in self.prior_settings else ()
 
     def tasks_at(self, setting: str, seed: int) -> tuple[str, ...]:
         """The tasks of ``setting`` run at ``seed``: all at the first seed, ``seed_tasks`` at the others."""
@@ -527,7 +542,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 ablations=not args.no_ablations,
                 budget={"steps": args.steps, "batch_size": args.batch_size},
                 fewshot_settings={"lrs": (3e-5, 1e-4), "max_epochs": 8},
-                priors=tuple(args.identity_prior or ()), version_lr=args.version_lr)
+                priors=tuple(args.identity_prior or ()), version_lr=args.version_lr,
+                prior_settings=tuple(args.prior_settings) if args.prior_settings else None)
 
 
 def run(plan: Plan, log: Any = print) -> dict[str, Any]:
@@ -545,7 +561,7 @@ def run(plan: Plan, log: Any = print) -> dict[str, Any]:
                 refs = run_references(ctx, seed)
                 row: dict[str, Any] = {"setting": setting, "task": task, "seed": seed, **refs, "methods": {}}
                 ablate = plan.ablations and setting == "real" and seed == seeds[0]
-                for m in methods_for(plan.sizes, ablate, plan.priors):
+                for m in methods_for(plan.sizes, ablate, plan.priors_at(setting)):
                     row["methods"][m.name] = run_transfer(ctx, m, compatible)
                 if setting in plan.fewshot:
                     row["methods"]["fewshot-128"] = run_fewshot(ctx)
@@ -612,6 +628,29 @@ def unit_minutes(results: dict[str, Any]) -> float:
     return total / 60
 
 
+def _versus(r: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """Checks of one BiCo variant ``name`` of a summary row against naive, GradFix and few-shot."""
+    m = r["methods"]
+    b_mean, b_std = m[name]["test"]
+    checks = []
+    for other in ("naive", "gradfix", "fewshot-128"):
+        o = m.get(other, {})
+        if "test" not in o:
+            continue
+        o_mean, o_std = o["test"]
+        margin = b_mean - o_mean
+        noise = max(b_std, o_std)
+        verdict = ("PASS" if margin > noise else "FAIL") if other != "fewshot-128" else ("PASS" if margin >= -noise else "FAIL")
+        if r["seeds"] < 2:
+            verdict += " (1 seed: no spread to judge noise by)"
+        spread = f"spread {100 * noise:.1f}" if r["seeds"] > 1 else "1 seed"
+        checks.append({"check": f"{r['setting']}/{r['task']}: {name} vs {other}",
+                       "value": f"{100 * b_mean:.1f} vs {100 * o_mean:.1f} ({spread})",
+                       "target": "beats it beyond seed noise" if other != "fewshot-128" else "at least matches it",
+                       "result": verdict})
+    return checks
+
+
 def check_targets(summary: dict[str, Any], compose: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets, on the (setting, task) pairs whose fine-tuning gain is >= 10 points."""
     checks = []
@@ -619,26 +658,13 @@ def check_targets(summary: dict[str, Any], compose: list[dict[str, Any]]) -> lis
     recs = []
     for r in strong:
         m = r["methods"]
-        bico = m.get(f"bico-{MAIN_SIZE}", {})
-        if "test" not in bico:
-            continue
-        b_mean, b_std = bico["test"]
-        recs.append(bico["recovery"][0])
-        for other in ("naive", "gradfix", "fewshot-128"):
-            o = m.get(other, {})
-            if "test" not in o:
-                continue
-            o_mean, o_std = o["test"]
-            margin = b_mean - o_mean
-            noise = max(b_std, o_std)
-            verdict = ("PASS" if margin > noise else "FAIL") if other != "fewshot-128" else ("PASS" if margin >= -noise else "FAIL")
-            if r["seeds"] < 2:
-                verdict += " (1 seed: no spread to judge noise by)"
-            spread = f"spread {100 * noise:.1f}" if r["seeds"] > 1 else "1 seed"
-            checks.append({"check": f"{r['setting']}/{r['task']}: bico-{MAIN_SIZE} vs {other}",
-                           "value": f"{100 * b_mean:.1f} vs {100 * o_mean:.1f} ({spread})",
-                           "target": "beats it beyond seed noise" if other != "fewshot-128" else "at least matches it",
-                           "result": verdict})
+        default = f"bico-{MAIN_SIZE}"
+        if "test" in m.get(default, {}):
+            recs.append(m[default]["recovery"][0])
+        # the default BiCo, and each identity_prior variant the run has (judged by the same rules)
+        for name in [default] + [n for n in m if n.startswith(PRIOR_PREFIX)]:
+            if "test" in m.get(name, {}):
+                checks.extend(_versus(r, name))
     if recs:
         avg = statistics.fmean(recs)
         checks.append({"check": "mean gain recovery of bico-128 over tasks/settings with gain >= 10 points",
@@ -661,14 +687,12 @@ def render(report: dict[str, Any]) -> str:
     methods = ["naive", "gradfix", f"bico-{MAIN_SIZE}", "bico-activations", "fewshot-128"] + \
         [f"bico-{n}" for n in sizes if n != MAIN_SIZE] + list(ABLATIONS) + \
         [prior_method(p) for p in report["plan"].get("priors", ())]
+    methods = [m for m in methods if any(m in r["methods"] for r in s["rows"])]     # not run anywhere: no column
     head = ["setting", "task", "seeds", "target zero-shot"] + methods + ["target fine-tuned"]
     lines = [
         "# Transfer benchmark: BiCo vs baselines on real pretrained encoders",
         "",
-        f"Command: `{report['command']}`  ",
-        f"Started {report['started']}, finished {report['finished']} ({report['wall_minutes']:.0f} min in this "
-        f"invocation; the units behind the table took {report.get('compute_minutes', 0):.0f} min of compute, most "
-        "read from the cache)  ",
+        *_provenance(report),
         f"Machine: {report['machine']}",
         "",
         "Test accuracy (%) of the zero-shot head, mean ± std over seeds; the transfer weight is chosen on "
@@ -726,6 +750,19 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _provenance(report: dict[str, Any]) -> list[str]:
+    """The command line(s) and times of a report (a combined one lists each source command)."""
+    if not report.get("sources"):
+        return [f"Command: `{report['command']}`  ",
+                f"Started {report['started']}, finished {report['finished']} ({report['wall_minutes']:.0f} min in this "
+                f"invocation; the units behind the table took {report.get('compute_minutes', 0):.0f} min of compute, most "
+                "read from the cache)  "]
+    lines = ["Commands (one report combined from several runs with `--combine`; each row from the run of its setting):  "]
+    lines += [f"- `{s['command']}`: settings {', '.join(s['rows'])}; {s['started']} to {s['finished']}  " for s in report["sources"]]
+    lines += [f"The units behind the table took {report.get('compute_minutes', 0):.0f} min of compute.  "]
+    return lines
+
+
 def _fmt(ms: Any, n: int = 2) -> str:
     mean, std = ms
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if n > 1 else f"{100 * mean:.1f}"
@@ -740,7 +777,7 @@ def plot(report: dict[str, Any], path: Path) -> Optional[str]:
     except ImportError:
         return "skipped (matplotlib not installed: pip install -e '.[plot]')"
     rows = report["summary"]["rows"]
-    methods = list(CORE) + ["fewshot-128"]
+    methods = list(CORE) + ["fewshot-128"] + [prior_method(p) for p in report["plan"].get("priors", ())]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
     width = 0.8 / len(methods)
     for k, m in enumerate(methods):
@@ -782,12 +819,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--fewshot-settings", nargs="+", choices=SETTINGS,
                    help="settings that get the few-shot baseline (default: all; it is the dearest unit)")
     p.add_argument("--identity-prior", nargs="+", type=float,
-                   help="also run BiCo with each of these identity_prior values (every setting and seed of the run)")
+                   help="also run BiCo with each of these identity_prior values (every seed of --prior-settings)")
+    p.add_argument("--prior-settings", nargs="+", choices=SETTINGS,
+                   help="settings that get the --identity-prior runs (default: all)")
     p.add_argument("--version-lr", type=float, default=VERSION_LR,
                    help=f"learning rate of the `version` base's continued training (default {VERSION_LR:g})")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--results", default=str(RESULTS_DIR))
+    p.add_argument("--rerender", metavar="JSON",
+                   help="write transfer.md (and the chart) again from a results file's recorded units, with this "
+                        "code's summary and checks, beside that file; nothing is computed")
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="one report from several results files (e.g. runs of different settings, or one setting "
+                        "rerun): a later file's rows of a (setting, task, seed) replace an earlier one's; written "
+                        "to --results; nothing is computed")
     args = p.parse_args(argv)
+    if args.rerender:
+        return rerender(Path(args.rerender))
+    if args.combine:
+        return combine([Path(x) for x in args.combine], Path(args.results))
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -820,6 +870,77 @@ def main(argv: Optional[list[str]] = None) -> int:
     (out / "transfer.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     text = render(report)
     (out / "transfer.md").write_text(text)
+    print(text)
+    return 0
+
+
+def combine(paths: list[Path], out: Path) -> int:
+    """One report from several (see ``--combine``); refuses to mix two base models in one setting."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    units: dict[tuple[str, str, int], dict[str, Any]] = {}
+    compose: dict[int, dict[str, Any]] = {}
+    runs: dict[str, dict[str, Any]] = {}          # command -> its times (a combined file keeps its sources')
+    for rep in reports:
+        for src in rep.get("sources") or [{"command": rep["command"], "started": rep["started"], "finished": rep["finished"]}]:
+            runs.setdefault(src["command"], {k: src[k] for k in ("command", "started", "finished")})
+        for u in rep["results"]["units"]:
+            units[(u["setting"], u["task"], u["seed"])] = {**u, "run_command": u.get("run_command", rep["command"])}
+        for c in rep["results"]["compose"]:
+            compose[c["seed"]] = {**c, "run_command": c.get("run_command", rep["command"])}
+    sources = []
+    for command, src in runs.items():
+        rows = [s for s in SETTINGS if any(u["setting"] == s and u["run_command"] == command for u in units.values())]
+        if any(c["run_command"] == command for c in compose.values()):
+            rows.append("composition")
+        if rows:
+            sources.append({**src, "rows": rows})
+    targets: dict[str, set[str]] = {}
+    for u in units.values():
+        targets.setdefault(u["setting"], set()).add(u["target"])
+    mixed = sorted(s for s, fps in targets.items() if len(fps) > 1)
+    if mixed:
+        raise SystemExit(f"error: --combine: setting {mixed[0]} has rows on {len(targets[mixed[0]])} different target "
+                         "models across the files; rerun all of its rows in one file")
+    order = {s: k for k, s in enumerate(SETTINGS)}
+    kept = sorted(units.values(), key=lambda u: order[u["setting"]])    # stable: each file's order within a setting
+    plans = [r["plan"] for r in reports]
+    version_plan = next((r["plan"] for r in reversed(reports) if any(u["setting"] == "version" for u in r["results"]["units"])),
+                        plans[-1])
+    plan = {"settings": [s for s in SETTINGS if s in targets],
+            "sizes": sorted({n for pl in plans for n in pl.get("sizes", ())}),
+            "priors": sorted({x for pl in plans for x in pl.get("priors", ())}),
+            "version_lr": version_plan.get("version_lr", VERSION_LR)}
+    results = {"units": kept, "compose": [compose[k] for k in sorted(compose)]}
+    summary = summarise(results)
+    report = {
+        "command": None, "sources": sources,
+        "started": min(s["started"] for s in sources), "finished": max(s["finished"] for s in sources),
+        "wall_minutes": 0.0, "machine": reports[-1]["machine"], "plan": plan, "weights": reports[-1]["weights"],
+        "results": results, "summary": summary, "compute_minutes": unit_minutes(results),
+        "notes": [f"combined with `python -m benchmarks.transfer --combine` from {len(paths)} results files; "
+                  "each row comes from the command listed for its setting"],
+    }
+    report["notes"].append(f"compute of all the units in this report: {report['compute_minutes']:.0f} min (fine-tunes, "
+                           "transfers, evaluations; without building the `version` / `width` base models)")
+    report["checks"] = check_targets(summary, results["compose"])
+    out.mkdir(parents=True, exist_ok=True)
+    report["plot"] = plot(report, out / "transfer.png") or str(out / "transfer.png")
+    (out / "transfer.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    text = render(report)
+    (out / "transfer.md").write_text(text)
+    print(text)
+    return 0
+
+
+def rerender(path: Path) -> int:
+    """Summary, checks, markdown and chart of a saved report, recomputed from its recorded units."""
+    report = json.loads(path.read_text())
+    report["summary"] = summarise(report["results"])
+    report["checks"] = check_targets(report["summary"], report["results"]["compose"])
+    report["plot"] = plot(report, path.parent / "transfer.png") or report.get("plot")
+    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    text = render(report)
+    (path.parent / "transfer.md").write_text(text)
     print(text)
     return 0
 

@@ -73,6 +73,10 @@ def test_seed_tasks_run_the_other_tasks_at_the_first_seed_only():
     assert plan.tasks_at("real", 1) == ("wordnet",) == plan.tasks_at("real", 2)
     everything = Plan(**{**plan.__dict__, "seed_tasks": None})
     assert everything.tasks_at("real", 2) == ("wordnet", "subjectivity")
+    assert plan.priors_at("real") == ()
+    priors = Plan(**{**plan.__dict__, "priors": (1.0, 3.0), "prior_settings": ("reverse",)})
+    assert priors.priors_at("real") == () and priors.priors_at("reverse") == (1.0, 3.0)
+    assert Plan(**{**priors.__dict__, "prior_settings": None}).priors_at("real") == (1.0, 3.0)
 
 
 def test_kept_gain_is_the_share_of_the_single_gain():
@@ -81,3 +85,82 @@ def test_kept_gain_is_the_share_of_the_single_gain():
     assert kept_gain(0.55, 0.40, 0.60) == pytest.approx(0.75)
     assert kept_gain(0.35, 0.40, 0.60) == pytest.approx(-0.25)         # below zero-shot: negative
     assert kept_gain(0.50, 0.40, 0.40) != kept_gain(0.50, 0.40, 0.40)  # no single gain: NaN
+
+
+def test_identity_prior_variants_are_judged_like_the_default():
+    units = [_unit(0, 0.40, 0.80, naive=0.66, **{"bico-128": 0.64, "bico-prior1": 0.70}),
+             _unit(1, 0.40, 0.80, naive=0.67, **{"bico-128": 0.65, "bico-prior1": 0.71})]
+    checks = {c["check"]: c for c in check_targets(summarise({"units": units}), [])}
+    assert checks["real/wordnet: bico-128 vs naive"]["result"] == "FAIL"          # 0.645 < 0.665
+    prior = checks["real/wordnet: bico-prior1 vs naive"]
+    assert prior["result"] == "PASS" and prior["value"] == "70.5 vs 66.5 (spread 0.7)"
+    rec = checks["mean gain recovery of bico-128 over tasks/settings with gain >= 10 points"]
+    assert rec["value"] == "61%"                    # the default's recovery only: (0.245 / 0.40)
+
+
+def test_rerender_recomputes_summary_and_checks_from_the_recorded_units(tmp_path):
+    import json
+
+    from benchmarks.transfer import main
+
+    units = [_unit(0, 0.40, 0.80, naive=0.66, **{"bico-128": 0.64, "bico-prior1": 0.70}),
+             _unit(1, 0.40, 0.80, naive=0.67, **{"bico-128": 0.65, "bico-prior1": 0.71})]
+    report = {"command": "python -m benchmarks.transfer --seeds 0 1", "started": "s", "finished": "f",
+              "wall_minutes": 0.0, "machine": "m", "compute_minutes": 1.0, "weights": [1.0],
+              "plan": {"sizes": [128], "priors": [1.0]}, "results": {"units": units, "compose": []},
+              "summary": {"rows": []}, "checks": [], "notes": []}
+    path = tmp_path / "transfer.json"
+    path.write_text(json.dumps(report))
+    assert main(["--rerender", str(path)]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["summary"]["rows"][0]["methods"]["bico-prior1"]["test"][0] == pytest.approx(0.705)
+    md = (tmp_path / "transfer.md").read_text()
+    assert "| real/wordnet: bico-prior1 vs naive | 70.5 vs 66.5 (spread 0.7) | beats it beyond seed noise | PASS |" in md
+    header = next(line for line in md.splitlines() if line.startswith("| setting"))
+    assert "bico-prior1" in header and "fewshot-128" not in header and "bico-32" not in header  # not run: no column
+
+
+def _report(command, units, **plan):
+    return {"command": command, "started": f"start {command}", "finished": f"end {command}", "wall_minutes": 1.0,
+            "machine": "m", "weights": [1.0], "plan": {"sizes": [128], **plan},
+            "results": {"units": units, "compose": []}}
+
+
+def test_combine_replaces_a_rerun_setting_and_lists_each_rows_command(tmp_path):
+    import json
+
+    from benchmarks.transfer import main
+
+    def unit(setting, seed, target, bico):
+        return {**_unit(seed, 0.40, 0.80, naive=0.60, **{"bico-128": bico}), "setting": setting, "target": target}
+
+    first = _report("run-all", [unit("real", 0, "B", 0.70), unit("version", 0, "V-old", 0.50)])
+    second = _report("run-version", [unit("version", 0, "V-new", 0.66)], priors=[1.0], version_lr=5e-4)
+    paths = []
+    for name, rep in (("a.json", first), ("b.json", second)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(rep))
+    out = tmp_path / "out"
+    assert main(["--combine", *map(str, paths), "--results", str(out)]) == 0
+    saved = json.loads((out / "transfer.json").read_text())
+    rows = {(u["setting"], u["seed"]): u for u in saved["results"]["units"]}
+    assert rows[("version", 0)]["target"] == "V-new" and rows[("version", 0)]["run_command"] == "run-version"
+    assert [s["command"] for s in saved["sources"]] == ["run-all", "run-version"]
+    assert [s["rows"] for s in saved["sources"]] == [["real"], ["version"]]
+    md = (out / "transfer.md").read_text()
+    assert "- `run-all`: settings real; start run-all to end run-all" in md
+    assert "lr 0.0005" in md and "| version | wordnet | 1 | 40.0 | 60.0 [50%] | 66.0 [65%] |" in md
+
+
+def test_combine_refuses_two_target_models_in_one_setting(tmp_path):
+    import json
+
+    from benchmarks.transfer import main
+
+    a = _report("a", [{**_unit(0, 0.4, 0.8, naive=0.6), "setting": "version", "target": "V1"}])
+    b = _report("b", [{**_unit(1, 0.4, 0.8, naive=0.6), "setting": "version", "target": "V2"}])
+    for name, rep in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(rep))
+    with pytest.raises(SystemExit, match="setting version has rows on 2 different target models"):
+        main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--results", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
