@@ -863,20 +863,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     report["notes"].append(f"compute of all the units in this report, whether computed in this run or read from the cache: "
                            f"{report['compute_minutes']:.0f} min (fine-tunes, transfers, evaluations; without building "
                            "the `version` / `width` base models)")
-    report["checks"] = check_targets(summary, results["compose"])
-    out = Path(args.results)
+    write_report(report, Path(args.results))
+    return 0
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """Checks of a summarised report, then ``transfer.json``, ``transfer.md`` and the chart in ``out``."""
+    report["checks"] = check_targets(report["summary"], report["results"]["compose"])
     out.mkdir(parents=True, exist_ok=True)
     report["plot"] = plot(report, out / "transfer.png") or str(out / "transfer.png")
     (out / "transfer.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     text = render(report)
     (out / "transfer.md").write_text(text)
     print(text)
-    return 0
+
+
+def _read_report(path: Path, option: str) -> dict[str, Any]:
+    try:
+        report = json.loads(path.read_text())
+        report["results"]["units"], report["results"]["compose"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: {option}: {path} is not a readable transfer results file "
+                         f"({type(err).__name__}: {err})") from None
+    return report
 
 
 def combine(paths: list[Path], out: Path) -> int:
     """One report from several (see ``--combine``); refuses to mix two base models in one setting."""
-    reports = [json.loads(p.read_text()) for p in paths]
+    reports = [_read_report(p, "--combine") for p in paths]
     units: dict[tuple[str, str, int], dict[str, Any]] = {}
     compose: dict[int, dict[str, Any]] = {}
     runs: dict[str, dict[str, Any]] = {}          # command -> its times (a combined file keeps its sources')
@@ -922,26 +936,15 @@ def combine(paths: list[Path], out: Path) -> int:
     }
     report["notes"].append(f"compute of all the units in this report: {report['compute_minutes']:.0f} min (fine-tunes, "
                            "transfers, evaluations; without building the `version` / `width` base models)")
-    report["checks"] = check_targets(summary, results["compose"])
-    out.mkdir(parents=True, exist_ok=True)
-    report["plot"] = plot(report, out / "transfer.png") or str(out / "transfer.png")
-    (out / "transfer.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    text = render(report)
-    (out / "transfer.md").write_text(text)
-    print(text)
+    write_report(report, out)
     return 0
 
 
 def rerender(path: Path) -> int:
     """Summary, checks, markdown and chart of a saved report, recomputed from its recorded units."""
-    report = json.loads(path.read_text())
+    report = _read_report(path, "--rerender")
     report["summary"] = summarise(report["results"])
-    report["checks"] = check_targets(report["summary"], report["results"]["compose"])
-    report["plot"] = plot(report, path.parent / "transfer.png") or report.get("plot")
-    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    text = render(report)
-    (path.parent / "transfer.md").write_text(text)
-    print(text)
+    write_report(report, path.parent)
     return 0
 
 

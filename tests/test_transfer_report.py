@@ -164,3 +164,15 @@ def test_combine_refuses_two_target_models_in_one_setting(tmp_path):
     with pytest.raises(SystemExit, match="setting version has rows on 2 different target models"):
         main(["--combine", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--results", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_combine_and_rerender_name_an_unreadable_file(tmp_path):
+    from benchmarks.transfer import main
+
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    with pytest.raises(SystemExit, match=r"--rerender: .*broken.json is not a readable transfer results file"):
+        main(["--rerender", str(bad)])
+    with pytest.raises(SystemExit, match=r"--combine: .*missing.json is not a readable transfer results file"):
+        main(["--combine", str(tmp_path / "missing.json"), "--results", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
