@@ -860,11 +860,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         "notes": [f"wall time includes cached work: units already under {cache_root() / 'transfer' / 'units'} are read, not recomputed"],
         "compute_minutes": unit_minutes(results),
     }
-    report["notes"].append(f"compute of all the units in this report, whether computed in this run or read from the cache: "
-                           f"{report['compute_minutes']:.0f} min (fine-tunes, transfers, evaluations; without building "
-                           "the `version` / `width` base models)")
+    report["notes"].append(_compute_note("compute of all the units in this report, whether computed in this run or "
+                                         "read from the cache", report["compute_minutes"]))
     write_report(report, Path(args.results))
     return 0
+
+
+def _compute_note(lead: str, minutes: float) -> str:
+    return f"{lead}: {minutes:.0f} min (fine-tunes, transfers, evaluations; without building the `version` / `width` base models)"
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -934,8 +937,7 @@ def combine(paths: list[Path], out: Path) -> int:
         "notes": [f"combined with `python -m benchmarks.transfer --combine` from {len(paths)} results files; "
                   "each row comes from the command listed for its setting"],
     }
-    report["notes"].append(f"compute of all the units in this report: {report['compute_minutes']:.0f} min (fine-tunes, "
-                           "transfers, evaluations; without building the `version` / `width` base models)")
+    report["notes"].append(_compute_note("compute of all the units in this report", report["compute_minutes"]))
     write_report(report, out)
     return 0
 
