@@ -54,7 +54,7 @@ wordnet:
 	  mkdir -p .cache/wordnet && cd .cache/wordnet && apt-get download wordnet-base && dpkg -x wordnet-base_*.deb .; \
 	fi
 
-# the transfer run the README reports (296 min of compute on 2 cores, measured); `make bench
+# the transfer run the README reports (91 min from an empty cache on 2 cores, measured); `make bench
 # TRANSFER_ARGS=` runs every task in every setting (longer still)
 TRANSFER_ARGS ?= --tasks wordnet subjectivity sentiment --seed-tasks wordnet subjectivity --other-tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --fewshot-settings real reverse version --identity-prior 1 --prior-settings version
 

@@ -176,3 +176,32 @@ def test_combine_and_rerender_name_an_unreadable_file(tmp_path):
     with pytest.raises(SystemExit, match=r"--combine: .*missing.json is not a readable transfer results file"):
         main(["--combine", str(tmp_path / "missing.json"), "--results", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_cached_unit_counts_computed_and_read_units(tmp_path, monkeypatch):
+    from benchmarks import transfer
+
+    monkeypatch.setattr(transfer, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(transfer, "UNIT_COUNTS", {"computed": 0, "read": 0})
+    calls = []
+    first = transfer.cached_unit("references", {"setting": "real", "task": "wordnet", "seed": 0},
+                                 lambda: calls.append(1) or {"x": 1})
+    again = transfer.cached_unit("references", {"setting": "real", "task": "wordnet", "seed": 0},
+                                 lambda: calls.append(1) or {"x": 2})
+    assert first["x"] == again["x"] == 1 and calls == [1]
+    assert transfer.UNIT_COUNTS == {"computed": 1, "read": 1}
+
+
+def test_time_budget_is_judged_only_on_a_run_from_an_empty_cache():
+    from benchmarks.transfer import FULL_RUN_MINUTES, _provenance, wall_check
+
+    base = {"command": "c", "started": "s", "finished": "f", "compute_minutes": 80.0}
+    cold = {**base, "wall_minutes": 91.0, "units": {"computed": 117, "read": 0}}
+    (check,) = wall_check(cold)
+    assert check["value"] == "91 min" and check["result"] == "PASS" and check["target"] == f"<= {FULL_RUN_MINUTES} min"
+    assert "117 units computed" in check["check"]
+    assert wall_check({**cold, "wall_minutes": FULL_RUN_MINUTES + 1.0})[0]["result"] == "FAIL"
+    warm = {**base, "wall_minutes": 3.0, "units": {"computed": 2, "read": 115}}
+    assert wall_check(warm) == [] and wall_check({**base, "wall_minutes": 3.0}) == []   # cached, or not recorded
+    assert "which computed 2 units and read 115 from the cache" in _provenance(warm)[1]
+    assert "cache use not recorded" in _provenance({**base, "wall_minutes": 3.0})[1]
