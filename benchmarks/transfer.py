@@ -57,7 +57,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -113,7 +113,7 @@ CORE = ("naive", "gradfix", f"bico-{MAIN_SIZE}", "bico-activations")
 ABLATIONS = ("bico-norms", "bico-tied", "bico-combined")
 
 
-def methods_for(sizes: tuple[int, ...], ablations: bool, priors: tuple[float, ...] = ()) -> list[Method]:
+def methods_for(sizes: tuple[int, ...], ablations: bool, priors: tuple[Union[float, str], ...] = ()) -> list[Method]:
     """The core comparison (every seed of every setting), BiCo with each ``identity_prior`` of
     ``priors`` (``--identity-prior``) and, with ``ablations``, the calibration sizes and BiCo's
     options (first seed of the main setting)."""
@@ -133,8 +133,21 @@ def methods_for(sizes: tuple[int, ...], ablations: bool, priors: tuple[float, ..
 PRIOR_PREFIX = "bico-prior"
 
 
-def prior_method(prior: float) -> str:
-    return f"{PRIOR_PREFIX}{prior:g}"
+def prior_method(prior: Union[float, str]) -> str:
+    return f"{PRIOR_PREFIX}{prior}" if isinstance(prior, str) else f"{PRIOR_PREFIX}{prior:g}"
+
+
+def prior_value(text: str) -> Union[float, str]:
+    """``--identity-prior`` values: a number >= 0 or ``auto`` (as the ``identity_prior`` option)."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number >= 0 nor 'auto'") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,11 +522,11 @@ class Plan:
     ablations: bool
     budget: dict[str, Any] = field(default_factory=dict)
     fewshot_settings: dict[str, Any] = field(default_factory=dict)
-    priors: tuple[float, ...] = ()       # extra BiCo runs with these identity priors
+    priors: tuple[Union[float, str], ...] = ()   # extra BiCo runs with these identity priors ("auto" too)
     prior_settings: Optional[tuple[str, ...]] = None   # settings that get them (None: all)
     version_lr: float = VERSION_LR
 
-    def priors_at(self, setting: str) -> tuple[float, ...]:
+    def priors_at(self, setting: str) -> tuple[Union[float, str], ...]:
         """The identity priors run in ``setting`` (``--identity-prior`` within ``--prior-settings``)."""
         return self.priors if self.prior_settings is None or setting in self.prior_settings else ()
 
@@ -710,7 +723,8 @@ def render(report: dict[str, Any]) -> str:
         f"({WIDTH_CONTINUED_STEPS} steps). `naive` and `gradfix` need equal shapes (not width). An empty cell: "
         "not run (see the command). The columns after "
         "`fewshot-128` are ablations, run on the first seed of setting real: other calibration sizes, `scale: norms`, "
-        "`tie_maps: true` and `output_space: combined`; then `bico-priorP`: `identity_prior: P` (`--identity-prior`).",
+        "`tie_maps: true` and `output_space: combined`; then `bico-priorP`: `identity_prior: P` (`--identity-prior`; "
+        "`bico-priorauto`: `identity_prior: auto`).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -826,8 +840,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-fewshot", action="store_true")
     p.add_argument("--fewshot-settings", nargs="+", choices=SETTINGS,
                    help="settings that get the few-shot baseline (default: all; it is the dearest unit)")
-    p.add_argument("--identity-prior", nargs="+", type=float,
-                   help="also run BiCo with each of these identity_prior values (every seed of --prior-settings)")
+    p.add_argument("--identity-prior", nargs="+", type=prior_value,
+                   help="also run BiCo with each of these identity_prior values, numbers or auto (every seed of --prior-settings)")
     p.add_argument("--prior-settings", nargs="+", choices=SETTINGS,
                    help="settings that get the --identity-prior runs (default: all)")
     p.add_argument("--version-lr", type=float, default=VERSION_LR,
@@ -945,7 +959,7 @@ def combine(paths: list[Path], out: Path) -> int:
                         plans[-1])
     plan = {"settings": [s for s in SETTINGS if s in targets],
             "sizes": sorted({n for pl in plans for n in pl.get("sizes", ())}),
-            "priors": sorted({x for pl in plans for x in pl.get("priors", ())}),
+            "priors": sorted({x for pl in plans for x in pl.get("priors", ())}, key=lambda x: (isinstance(x, str), str(x) if isinstance(x, str) else x)),
             "version_lr": version_plan.get("version_lr", VERSION_LR)}
     results = {"units": kept, "compose": [compose[k] for k in sorted(compose)]}
     summary = summarise(results)

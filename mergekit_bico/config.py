@@ -75,9 +75,19 @@ class TransferConfig(StrictModel):
     layer_map: Union[Literal["index", "similarity"], list[Optional[int]]] = "index"
     scale: Literal["none", "norms"] = "none"
     tie_maps: bool = False
-    identity_prior: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    # a number >= 0, or "auto": per space, the identity's share of the best alignment (procrustes.py)
+    identity_prior: Union[float, Literal["auto"]] = 0.0
     memory_budget: Optional[Union[str, int]] = None
     calibration: Optional[CalibrationConfig] = None
+
+    @field_validator("identity_prior", mode="before")
+    @classmethod
+    def _check_prior(cls, value: Any) -> Union[float, str]:
+        if value == "auto" and isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
+            return float(value)
+        raise ValueError(f"identity_prior {value!r} is neither a finite number >= 0 nor 'auto'")
 
 
 class InputModelDefinition(StrictModel):

@@ -169,13 +169,23 @@ def _ranges(job: Job, size: int) -> list[tuple[int, int]]:
 
 
 def _elementwise_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
+    """``linear`` / ``task_arithmetic`` slice by slice. The NaN/Inf check runs on the slice's
+    output, one pass instead of one per input: a NaN or Inf in any input makes the output
+    non-finite (every input enters as ``w * x`` or ``w * (x - base)``, and ``0 * Inf`` is NaN), so
+    the inputs are checked, exactly as elsewhere, only when it is; an output that overflowed from
+    finite inputs is written as before."""
     def process(loaded: Any, a: int) -> None:
         tensors, base = loaded
         out = job.method.merge(tensors, base, job.model_params, job.global_params, tensor_name=job.name)
+        if inputs.options.nan_policy != "ignore" and _has_nonfinite(out):
+            if base is not None:
+                inputs._check_finite(base, job.base.model, job.base.tensor)
+            for ref, t in zip(job.inputs, tensors):
+                inputs._check_finite(t, ref.model, ref.tensor)
         writer.add_part(job.name, out.to("cpu", job.out_dtype or out.dtype), a)
 
     for a, b in _ranges(job, ELEMENTWISE_SLICE):
-        yield (lambda a=a, b=b: inputs.load_flat(job, a, b)), (lambda loaded, a=a: process(loaded, a))
+        yield (lambda a=a, b=b: inputs.load_flat(job, a, b, check=False)), (lambda loaded, a=a: process(loaded, a))
 
 
 def _whole_unit(job: Job, inputs: Inputs, writer: Any) -> Unit:

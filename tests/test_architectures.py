@@ -216,10 +216,11 @@ def _perturbed(src: Path, dst: Path, family: str) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("family,prior", [("qwen2", 0.0), ("mistral", 0.0), ("bert", 0.0), ("bert", 1.0)])
+@pytest.mark.parametrize("family,prior", [("qwen2", 0.0), ("mistral", 0.0), ("bert", 0.0), ("bert", 1.0), ("bert", "auto")])
 def test_self_transfer_reproduces_the_finetune(tiny_models, tmp_path, family, prior):
     """Source base = target base: every map is the identity, with or without an identity prior
-    (C is then a Gram matrix, so C + beta I is positive definite and its polar factor is I)."""
+    (C is then a Gram matrix, so C + beta I is positive definite and its polar factor is I; with
+    ``auto`` each space's prior is tr(C) / ||C||_* = 1, recorded in the report)."""
     import random
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -253,6 +254,9 @@ def test_self_transfer_reproduces_the_finetune(tiny_models, tmp_path, family, pr
         ref = cls.from_pretrained(str(ft), dtype=torch.float64).eval()(input_ids=ids).logits
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
     rules = prepared.report()["rules"]
+    if prior == "auto":
+        spaces = prepared.report()["spaces"]
+        assert spaces and all(abs(row["identity_prior"] - 1.0) < 1e-9 for row in spaces if row["rank"] > 0)
     if family == "qwen2":
         assert "model.layers.0.self_attn.q_proj.bias" in rules["bias"]
         assert "model.norm.weight" in rules["norm (folded into consumers: zero delta)"]

@@ -173,10 +173,10 @@ def test_overwrite_replaces_atomically(llama_family, tmp_path):
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("value", [-1, ".nan"])
+@pytest.mark.parametrize("value", [-1, ".nan", ".inf", "sometimes", "true"])
 def test_identity_prior_must_be_finite_and_non_negative(llama_family, tmp_path, value):
     f = llama_family
     config = (f"merge_method: task_arithmetic\nbase_model: {f['base']}\nmodels:\n"
               f"  - model: {f['ft1']}\n    transfer: {{method: bico, source_base: {f['base']}, identity_prior: {value}}}\n")
     msg = expect_error(tmp_path, config, needle="models[0].transfer.identity_prior", code=2)
-    assert str(f["ft1"]) in msg
+    assert str(f["ft1"]) in msg and "is neither a finite number >= 0 nor 'auto'" in msg

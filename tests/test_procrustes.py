@@ -266,3 +266,59 @@ def test_identity_prior_limits_and_feasibility(shape):
     assert fit.rank == min(shape)                                # C + beta I has full rank
     gram = fit.r.T @ fit.r if shape[0] >= shape[1] else fit.r @ fit.r.T
     torch.testing.assert_close(gram, torch.eye(min(shape), dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_identity_share_hand_values():
+    """rho = tr(I^T C) / ||C||_*: 1 for a positive diagonal, 0 for a swap or a reflection that
+    cancels, -1 for -I, cos(theta) for a scaled rotation, 2/3 for a wide C whose rows have norms 2
+    and 1 and trace 2, 0 for an all-zero C."""
+    from mergekit_bico.transfer.procrustes import identity_share
+
+    theta = 0.7
+    rot = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
+    square = torch.stack([torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)),
+                          torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64),
+                          torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64)),
+                          -torch.eye(2, dtype=torch.float64), 2.5 * rot, torch.zeros(2, 2, dtype=torch.float64)])
+    got = identity_share(square)
+    expected = torch.tensor([1.0, 0.0, 0.0, -1.0, math.cos(theta), 0.0], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    wide = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+    torch.testing.assert_close(identity_share(wide), torch.tensor([2 / 3], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(identity_share(wide.transpose(1, 2)), torch.tensor([2 / 3], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (1024, 1040), (1040, 1024)])
+def test_identity_share_of_wide_spaces_uses_the_nuclear_norm_of_the_construction(shape):
+    """At >= 1024 the nuclear norm comes from the smaller Gram's eigenvalues: against C = U S V^T
+    built with known singular values (sum of S) and its trace read off directly."""
+    from mergekit_bico.transfer.procrustes import identity_share
+
+    gen = torch.Generator().manual_seed(3)
+    d = min(shape)
+    s = torch.rand(d, generator=gen, dtype=torch.float64) + 0.1
+    u, v = _semi(shape[0], d, gen), _semi(shape[1], d, gen)
+    c = (u * s) @ v.T
+    expected = float(torch.diagonal(c[:d, :d]).sum()) / float(s.sum())
+    got = float(identity_share(c.unsqueeze(0))[0])
+    assert math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_auto_prior_is_the_identity_share_per_matrix():
+    """prior="auto" on a stack: C1 = s Rot(theta) gets prior cos(theta), so R rotates by
+    atan2(sin theta, 2 cos theta); C2 = -Rot(0.3) (rho < 0) gets prior 0: the plain fit; each fit
+    records the prior it used. A numeric prior is used as given; any other string is refused."""
+    from mergekit_bico.transfer.procrustes import resolve_prior
+
+    rot = lambda t: torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]], dtype=torch.float64)
+    theta = 1.1
+    stack = torch.stack([2.5 * rot(theta), -rot(0.3)])
+    first, second = procrustes_batched(stack, prior="auto")
+    assert math.isclose(first.prior, math.cos(theta), rel_tol=1e-12) and second.prior == 0.0
+    torch.testing.assert_close(first.r, rot(math.atan2(math.sin(theta), 2 * math.cos(theta))), rtol=0, atol=1e-12)
+    torch.testing.assert_close(second.r, -rot(0.3), rtol=0, atol=1e-12)
+    torch.testing.assert_close(resolve_prior(stack, 0.5), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    assert procrustes(stack[0], prior=0.5).prior == 0.5
+    with pytest.raises(ValueError, match="'sometimes' is neither a number >= 0 nor 'auto'"):
+        resolve_prior(stack, "sometimes")

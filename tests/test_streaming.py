@@ -271,3 +271,33 @@ def test_nonfinite_check_is_exact():
         assert executor._has_nonfinite(t)
         assert executor._has_nonfinite(t.to(torch.bfloat16))
     assert not executor._has_nonfinite(torch.arange(5))   # integers are never checked
+
+
+@pytest.mark.parametrize("where,weight", [("ft1", 0.7), ("ft1", 0.0), ("base", 0.7)])
+def test_sliced_task_arithmetic_finds_a_nan_in_any_input(llama_family, sliced, tmp_path, where, weight):
+    """The sliced elementwise merge checks its output for NaN/Inf and then the inputs: a NaN in a
+    fine-tune (even one with weight 0, as 0 * NaN is NaN) or an Inf in the base is still refused
+    with the tensor and model named, no output folder is left, and `--nan-policy warn` merges on."""
+    from safetensors.torch import save_file
+
+    f = llama_family
+    bad = tmp_path / f"bad-{where}"
+    shutil.copytree(f[where], bad)
+    name = "model.embed_tokens.weight"   # 4096 elements > ELEMENTWISE_SLICE (300): sliced
+    new = weights(bad)
+    new[name][7, 3] = float("nan") if where == "ft1" else float("inf")
+    for shard in bad.glob("*.safetensors"):
+        shard.unlink()
+    save_file(new, str(bad / "model.safetensors"))
+    (bad / "model.safetensors.index.json").unlink(missing_ok=True)
+    paths = {"base": str(f["base"]), "ft1": str(f["ft1"]), where: str(bad)}
+    config = {"merge_method": "task_arithmetic", "base_model": paths["base"], "dtype": "float32",
+              "models": [{"model": paths["ft1"], "parameters": {"weight": weight}},
+                         {"model": str(f["ft2"]), "parameters": {"weight": 0.5}}]}
+    result, out = run_yaml(tmp_path, config)
+    assert result.exit_code != 0
+    assert f"tensor '{name}' of model '{bad}' contains NaN or Inf" in result.output
+    assert not out.exists()
+    result, out = run_yaml(tmp_path, config, "--nan-policy", "warn", name="out-warn")
+    assert result.exit_code == 0, result.output
+    assert not torch.isfinite(weights(out)[name]).all() and sliced["n"] > 0

@@ -205,3 +205,31 @@ def test_time_budget_is_judged_only_on_a_run_from_an_empty_cache():
     assert wall_check(warm) == [] and wall_check({**base, "wall_minutes": 3.0}) == []   # cached, or not recorded
     assert "which computed 2 units and read 115 from the cache" in _provenance(warm)[1]
     assert "cache use not recorded" in _provenance({**base, "wall_minutes": 3.0})[1]
+
+
+def test_identity_prior_arguments_and_auto_column(tmp_path):
+    """--identity-prior takes numbers >= 0 and `auto` (refusing others); `auto` runs as the
+    `bico-priorauto` method with `identity_prior: auto`, gets its own column and its own checks,
+    and sorts after the numbers when files are combined."""
+    import argparse
+    import json
+
+    from benchmarks.transfer import main, methods_for, prior_method, prior_value
+
+    assert prior_value("auto") == "auto" and prior_value("1") == 1.0 and prior_value("0") == 0.0
+    for bad in ("-1", "nan", "inf", "often"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            prior_value(bad)
+    assert prior_method("auto") == "bico-priorauto" and prior_method(1.0) == "bico-prior1"
+    methods = {m.name: m.transfer for m in methods_for((128,), False, (1.0, "auto"))}
+    assert methods["bico-priorauto"] == {"method": "bico", "identity_prior": "auto"}
+    units = [{**_unit(0, 0.40, 0.80, naive=0.66, **{"bico-128": 0.64, "bico-priorauto": 0.70}), "target": "B"}]
+    for k, plan in enumerate(({"priors": ["auto"]}, {"priors": [1.0]})):
+        (tmp_path / f"{k}.json").write_text(json.dumps(_report(f"cmd{k}", units, **plan)))
+    assert main(["--combine", str(tmp_path / "0.json"), str(tmp_path / "1.json"), "--results", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "transfer.json").read_text())
+    assert saved["plan"]["priors"] == [1.0, "auto"]
+    md = (tmp_path / "out" / "transfer.md").read_text()
+    assert "| real/wordnet: bico-priorauto vs naive | 70.0 vs 66.0 (1 seed) |" in md
+    header = next(line for line in md.splitlines() if line.startswith("| setting"))
+    assert "bico-priorauto" in header and "bico-prior1 " not in header     # prior 1 was not run anywhere

@@ -61,7 +61,7 @@ import logging
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -187,14 +187,15 @@ def fit_maps(
     *,
     rtol: float = DEFAULT_RTOL,
     ties: Sequence[tuple[str, ...]] = (),
-    prior: float = 0.0,
+    prior: Union[float, str] = 0.0,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Procrustes maps for every (target layer, space) of one pass, SVDs batched by shape.
 
     Output spaces with both ``G`` and ``Y`` statistics use the combined rule (normalised sum).
     ``ties``: groups of spaces of one block that must share one map (same sizes on both sides);
     the map is fitted once from all their statistics (normalised sum) and stored under each name.
-    ``prior``: identity prior of the Procrustes fits (``identity_prior``; 0: none).
+    ``prior``: identity prior of the Procrustes fits (``identity_prior``; 0: none; ``"auto"``: chosen
+    per space, recorded in its report row as ``identity_prior``).
     Returns ``({map name: R float32 (d_A, d_B)}, report rows)``.
     """
     groups: dict[tuple[Optional[int], str], list[PairSpec]] = {}
@@ -248,7 +249,9 @@ def fit_maps(
             if len(parts) > 1:
                 for stat, st in parts:
                     row[f"residual_{stat}"] = _residual(fit.r, _combine([(stat, st)]))
-            if fit.rank < min(d_a, d_b) and not prior:
+            if prior:
+                row["identity_prior"] = fit.prior
+            if fit.rank < min(d_a, d_b) and not fit.prior:
                 row["note"] = "rank-deficient statistics: unseen directions completed closest to identity"
             rows.append(row)
             if fit.rank == 0:

@@ -32,16 +32,24 @@ sqrt(min(d_A, d_B))`` (``prior`` in units of the root-mean-square singular value
 Directions whose singular values are far above ``beta`` follow the statistics, the weak and unseen
 ones stay near the identity: the right prior when both bases share coordinates (a later release of
 the same model), where a weak direction's fitted rotation is mostly calibration noise.
+
+``prior="auto"`` picks the prior per matrix from the statistics themselves: ``prior = max(0, rho)``
+with ``rho = tr(I^T C) / ||C||_*``, the identity's alignment score as a share of the best one
+(``tr(R^T C) <= ||C||_*`` for every feasible ``R``, with equality at the Procrustes map). ``rho``
+is near 1 where both sides share coordinates (the identity already explains the statistics, so
+whatever it leaves is more likely noise) and near 0 where they do not (independently trained
+heads or MLP neurons, whose order carries no meaning), so the prior acts only where the
+coordinates are shared.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-__all__ = ["ProcrustesFit", "procrustes", "procrustes_batched", "relative_residual", "polar"]
+__all__ = ["ProcrustesFit", "procrustes", "procrustes_batched", "relative_residual", "polar", "identity_share", "resolve_prior"]
 
 DEFAULT_RTOL = 1e-10
 WELL_DETERMINED_RTOL = 1e-6
@@ -64,6 +72,7 @@ class ProcrustesFit:
     singular_values: torch.Tensor
     rank: int
     trace_rc: float  # tr(R^T C) (= sum of singular values up to the completed null part)
+    prior: float = 0.0  # the identity prior this fit used (``prior="auto"``: the one it chose)
 
 
 def polar(m: torch.Tensor) -> torch.Tensor:
@@ -134,21 +143,47 @@ def _identity_rows(n: torch.Tensor, d: int) -> torch.Tensor:
     return torch.cat([n, n.new_zeros(d - n.shape[0], n.shape[1])])
 
 
-def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL, prior: float = 0.0) -> list[ProcrustesFit]:
+def identity_share(c: torch.Tensor) -> torch.Tensor:
+    """``tr(I^T C) / ||C||_*`` of each matrix of a stack (b, d_A, d_B) (0 where ``C`` is zero):
+    the zero-padded identity's alignment score as a share of the Procrustes optimum, in [-1, 1]."""
+    d = min(c.shape[1:])
+    trace = c[:, :d, :d].diagonal(dim1=1, dim2=2).sum(-1)
+    if d >= EIGH_MIN_DIM:   # the nuclear norm from the smaller Gram's eigenvalues (no vectors)
+        wide = c.shape[1] < c.shape[2]
+        gram = c @ c.transpose(1, 2) if wide else c.transpose(1, 2) @ c
+        nuclear = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1)
+    else:
+        nuclear = torch.linalg.svdvals(c).sum(-1)
+    return torch.where(nuclear > 0, trace / nuclear.clamp_min(torch.finfo(c.dtype).tiny), torch.zeros_like(trace))
+
+
+def resolve_prior(c: torch.Tensor, prior: Union[float, str]) -> torch.Tensor:
+    """The identity prior of each matrix of a stack (b, d_A, d_B): ``prior`` itself, or for
+    ``"auto"`` ``max(0, tr(I^T C) / ||C||_*)`` (see the module docstring)."""
+    if prior == "auto":
+        return identity_share(c).clamp_min(0.0)
+    if isinstance(prior, str):
+        raise ValueError(f"identity prior {prior!r} is neither a number >= 0 nor 'auto'")
+    return torch.full((c.shape[0],), float(prior), dtype=c.dtype, device=c.device)
+
+
+def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL,
+                       prior: Union[float, str] = 0.0) -> list[ProcrustesFit]:
     """Procrustes maps for a stack ``c`` (b, d_A, d_B) of cross-covariances, one batched float64 SVD.
 
     Returns one :class:`ProcrustesFit` per matrix; rank-deficient matrices get the
     closest-to-identity completion; ``prior > 0`` fits ``C + beta I`` instead (identity prior, see
     the module docstring; ``singular_values`` and ``rank`` are then those of that matrix, while
-    ``trace_rc`` stays ``tr(R^T C)`` of the statistics).
+    ``trace_rc`` stays ``tr(R^T C)`` of the statistics); ``prior="auto"`` chooses it per matrix.
     """
     if c.dim() == 2:
         c = c.unsqueeze(0)
     c = c.to(torch.float64)
     d_a, d_b = c.shape[1:]
     data = c
-    if prior > 0:
-        beta = prior * torch.linalg.matrix_norm(c) / min(d_a, d_b) ** 0.5
+    priors = resolve_prior(c, prior)
+    if bool((priors > 0).any()):
+        beta = priors * torch.linalg.matrix_norm(c) / min(d_a, d_b) ** 0.5
         eye = torch.eye(d_a, d_b, dtype=c.dtype, device=c.device)
         c = c + beta[:, None, None] * eye
     if min(d_a, d_b) >= EIGH_MIN_DIM:
@@ -167,7 +202,8 @@ def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL, prior: fl
             r_i = _complete(c[i], u[i], vh[i], rank, u_full=u_full, v_full=v_full)
         else:
             r_i = u[i] @ vh[i]
-        fits.append(ProcrustesFit(r=r_i, singular_values=s_i, rank=rank, trace_rc=float((r_i * data[i]).sum())))
+        fits.append(ProcrustesFit(r=r_i, singular_values=s_i, rank=rank, trace_rc=float((r_i * data[i]).sum()),
+                                  prior=float(priors[i])))
     return fits
 
 
@@ -189,7 +225,7 @@ def _svd_by_eigh(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return u, s, q.transpose(1, 2)
 
 
-def procrustes(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL, prior: float = 0.0) -> ProcrustesFit:
+def procrustes(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL, prior: Union[float, str] = 0.0) -> ProcrustesFit:
     """Procrustes map ``R`` (d_A x d_B) minimising ``||X_A R - X_B||_F`` from ``C = X_A^T X_B``
     (with ``prior > 0``: plus ``prior`` times the identity term, see the module docstring)."""
     return procrustes_batched(c, rtol=rtol, prior=prior)[0]
