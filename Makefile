@@ -59,7 +59,10 @@ wordnet:
 TRANSFER_ARGS ?= --tasks wordnet subjectivity sentiment --seed-tasks wordnet subjectivity --other-tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --fewshot-settings real reverse version --identity-prior 1 --prior-settings version
 
 # identity_prior on a stronger release drift (the `version` base continued-trained at lr 5e-4, seed 0)
-PRIOR_ARGS ?= --settings real version --tasks wordnet --seeds 0 --version-lr 5e-4 --identity-prior 0.1 1 3 --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior
+PRIOR_ARGS ?= --settings real version --tasks wordnet --seeds 0 --version-lr 5e-4 --identity-prior 0.1 1 3 auto --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior
+
+# identity_prior: auto against 1 and the default, 3 seeds of real and version (WordNet)
+AUTO_ARGS ?= --settings real version --tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --version-lr 5e-4 --identity-prior 1 auto --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior_auto
 
 bench: $(STAMP_BENCH) wordnet
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
@@ -69,6 +72,7 @@ bench: $(STAMP_BENCH) wordnet
 	$(PY) -m benchmarks.load
 	$(PY) -m benchmarks.transfer $(TRANSFER_ARGS)
 	$(PY) -m benchmarks.transfer $(PRIOR_ARGS)
+	$(PY) -m benchmarks.transfer $(AUTO_ARGS)
 	$(PY) -m benchmarks.readme_tables
 
 clean:
