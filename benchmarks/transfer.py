@@ -138,16 +138,13 @@ def prior_method(prior: Union[float, str]) -> str:
 
 
 def prior_value(text: str) -> Union[float, str]:
-    """``--identity-prior`` values: a number >= 0 or ``auto`` (as the ``identity_prior`` option)."""
-    if text == "auto":
-        return text
+    """``--identity-prior`` values: a number >= 0 or ``auto`` (the ``identity_prior`` option's rule)."""
+    from mergekit_bico.config import identity_prior_value
+
     try:
-        value = float(text)
+        return identity_prior_value(text if text == "auto" else float(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number >= 0 nor 'auto'") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
-    return value
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a finite number >= 0 nor 'auto'") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -959,7 +956,7 @@ def combine(paths: list[Path], out: Path) -> int:
                         plans[-1])
     plan = {"settings": [s for s in SETTINGS if s in targets],
             "sizes": sorted({n for pl in plans for n in pl.get("sizes", ())}),
-            "priors": sorted({x for pl in plans for x in pl.get("priors", ())}, key=lambda x: (isinstance(x, str), str(x) if isinstance(x, str) else x)),
+            "priors": sorted({x for pl in plans for x in pl.get("priors", ())}, key=lambda x: (isinstance(x, str), 0.0 if isinstance(x, str) else x)),
             "version_lr": version_plan.get("version_lr", VERSION_LR)}
     results = {"units": kept, "compose": [compose[k] for k in sorted(compose)]}
     summary = summarise(results)

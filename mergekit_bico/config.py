@@ -83,11 +83,16 @@ class TransferConfig(StrictModel):
     @field_validator("identity_prior", mode="before")
     @classmethod
     def _check_prior(cls, value: Any) -> Union[float, str]:
-        if value == "auto" and isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
-            return float(value)
-        raise ValueError(f"identity_prior {value!r} is neither a finite number >= 0 nor 'auto'")
+        return identity_prior_value(value)
+
+
+def identity_prior_value(value: Any) -> Union[float, str]:
+    """A valid ``identity_prior``: ``"auto"`` or a finite number >= 0 (as float); else ValueError."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
+        return float(value)
+    raise ValueError(f"identity_prior {value!r} is neither a finite number >= 0 nor 'auto'")
 
 
 class InputModelDefinition(StrictModel):
