@@ -56,13 +56,13 @@ wordnet:
 
 # the transfer run the README reports (91 min from an empty cache on 2 cores, measured); `make bench
 # TRANSFER_ARGS=` runs every task in every setting (longer still)
-TRANSFER_ARGS ?= --tasks wordnet subjectivity sentiment --seed-tasks wordnet subjectivity --other-tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --fewshot-settings real reverse version --identity-prior 1 --prior-settings version
+TRANSFER_ARGS ?= --tasks wordnet subjectivity sentiment --seed-tasks wordnet subjectivity --other-tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --fewshot-settings real reverse version --identity-prior 0 1 --prior-settings version
 
 # identity_prior on a stronger release drift (the `version` base continued-trained at lr 5e-4, seed 0)
-PRIOR_ARGS ?= --settings real version --tasks wordnet --seeds 0 --version-lr 5e-4 --identity-prior 0.1 1 3 auto --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior
+PRIOR_ARGS ?= --settings real version --tasks wordnet --seeds 0 --version-lr 5e-4 --identity-prior 0 0.1 1 3 --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior
 
 # identity_prior: auto against 1 and the default, 3 seeds of real and version (WordNet)
-AUTO_ARGS ?= --settings real version --tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --version-lr 5e-4 --identity-prior 1 auto --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior_auto
+AUTO_ARGS ?= --settings real version --tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --version-lr 5e-4 --identity-prior 0 1 --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior_auto
 
 bench: $(STAMP_BENCH) wordnet
 	$(PY) -m pytest -q -p no:cacheprovider -m slow

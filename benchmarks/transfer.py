@@ -133,6 +133,19 @@ def methods_for(sizes: tuple[int, ...], ablations: bool, priors: tuple[Union[flo
 PRIOR_PREFIX = "bico-prior"
 
 
+def bico_rule(transfer: dict[str, Any]) -> dict[str, Any]:
+    """Cache-key part of a ``transfer:`` block's effective identity prior: the ``auto`` rule's name
+    when it uses ``auto`` (the default too), else nothing (units cached under another rule or
+    another default are not reused; those of explicit numeric priors stay valid)."""
+    from mergekit_bico.config import TransferConfig
+    from mergekit_bico.transfer.procrustes import AUTO_PRIOR_RULE
+
+    if transfer.get("method", "bico") != "bico":
+        return {}
+    prior = transfer.get("identity_prior", TransferConfig.model_fields["identity_prior"].default)
+    return {"auto_prior_rule": AUTO_PRIOR_RULE} if prior == "auto" else {}
+
+
 def prior_method(prior: Union[float, str]) -> str:
     return f"{PRIOR_PREFIX}{prior}" if isinstance(prior, str) else f"{PRIOR_PREFIX}{prior:g}"
 
@@ -350,7 +363,7 @@ def run_transfer(ctx: Context, method: Method, compatible: bool) -> dict[str, An
         return result
 
     return cached_unit("transfer", ctx.parts(method=method.name, spec=dataclasses.asdict(method),
-                                             budget=ctx.budget, weights=WEIGHTS), compute)
+                                             budget=ctx.budget, weights=WEIGHTS, **bico_rule(method.transfer)), compute)
 
 
 def run_references(ctx: Context, target_seed: int) -> dict[str, Any]:
@@ -436,7 +449,7 @@ def run_composition(setting: str, seed: int, source: Path, target: Path, budget:
              "source": ft.model_fingerprint(source), "target": ft.model_fingerprint(target), "budget": budget,
              "weights": {t: singles[t]["weight"] for t in tasks},
              "grid": {"scales": COMPOSE_SCALES, "densities": COMPOSE_DENSITIES, "lambdas": COMPOSE_LAMBDAS},
-             "select": COMPOSE_RULE}
+             "select": COMPOSE_RULE, **bico_rule({"method": "bico"})}
 
     def compute() -> dict[str, Any]:
         ctxs = {t: Context(setting, t, seed, source, target, budget, {}, log) for t in tasks}
@@ -478,7 +491,7 @@ def run_fisher_composition(setting: str, seed: int, source: Path, target: Path, 
     parts = {"setting": setting, "seed": seed, "task": "+".join(tasks), "method": "compose-fisher",
              "source": ft.model_fingerprint(source), "target": ft.model_fingerprint(target), "budget": budget,
              "grid": {"scales": FISHER_SCALES, "lambdas": FISHER_LAMBDAS}, "select": COMPOSE_RULE,
-             "parameters": FISHER_PARAMETERS}
+             "parameters": FISHER_PARAMETERS, **bico_rule({"method": "bico"})}
 
     def compute() -> dict[str, Any]:
         ctxs = {t: Context(setting, t, seed, source, target, budget, {}, log) for t in tasks}
@@ -697,6 +710,13 @@ def check_targets(summary: dict[str, Any], compose: list[dict[str, Any]]) -> lis
     return checks
 
 
+def default_prior(report: dict[str, Any]) -> str:
+    """The ``identity_prior`` the default BiCo (``bico-128``) ran with, read off its units: ``auto``
+    (their cache keys name the auto rule) or ``0`` (results from before ``auto`` was the default)."""
+    runs = [u["methods"][f"bico-{MAIN_SIZE}"] for u in report["results"]["units"] if f"bico-{MAIN_SIZE}" in u.get("methods", {})]
+    return "auto" if runs and all("auto_prior_rule" in r for r in runs) else "0"
+
+
 def render(report: dict[str, Any]) -> str:
     s = report["summary"]
     sizes = report["plan"]["sizes"]
@@ -713,8 +733,8 @@ def render(report: dict[str, Any]) -> str:
         "",
         "Test accuracy (%) of the zero-shot head, mean ± std over seeds; the transfer weight is chosen on "
         f"validation from {list(WEIGHTS)}. In brackets: gain recovery = (method - target zero-shot) / "
-        "(target fine-tuned - target zero-shot). `bico-N`: N labelled calibration examples; the other "
-        f"calibrated methods use {MAIN_SIZE}; `fewshot-128`: the target fine-tuned on those {MAIN_SIZE} examples. "
+        "(target fine-tuned - target zero-shot). `bico-N`: BiCo with its defaults (`identity_prior: "
+        f"{default_prior(report)}`) on N labelled calibration examples; the other calibrated methods use {MAIN_SIZE}; `fewshot-128`: the target fine-tuned on those {MAIN_SIZE} examples. "
         "Settings: real = all-MiniLM-L6-v2 -> paraphrase-MiniLM-L3-v2; reverse = L3 -> L6; version = L6 -> L6 "
         f"after continued training (400 steps, lr {report['plan'].get('version_lr', VERSION_LR):g}); width = L6 -> L6 widened to 768 and continued-trained "
         f"({WIDTH_CONTINUED_STEPS} steps). `naive` and `gradfix` need equal shapes (not width). An empty cell: "

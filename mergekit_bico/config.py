@@ -75,8 +75,9 @@ class TransferConfig(StrictModel):
     layer_map: Union[Literal["index", "similarity"], list[Optional[int]]] = "index"
     scale: Literal["none", "norms"] = "none"
     tie_maps: bool = False
-    # a number >= 0, or "auto": per space, the identity's share of the best alignment (procrustes.py)
-    identity_prior: Union[float, Literal["auto"]] = 0.0
+    # a number >= 0 (0: the plain fit), or "auto" (the default): per space, the identity's share of
+    # the best alignment, 0 where the statistics are explained exactly (procrustes.py)
+    identity_prior: Union[float, Literal["auto"]] = "auto"
     memory_budget: Optional[Union[str, int]] = None
     calibration: Optional[CalibrationConfig] = None
 

@@ -322,3 +322,45 @@ def test_auto_prior_is_the_identity_share_per_matrix():
     assert procrustes(stack[0], prior=0.5).prior == 0.5
     with pytest.raises(ValueError, match="'sometimes' is neither a number >= 0 nor 'auto'"):
         resolve_prior(stack, "sometimes")
+
+
+def test_best_fit_misfit_hand_values():
+    """m = 1 - ||C||_* / sqrt(tr M_A tr M_B): 0 when the traces are what an exact (scaled) fit
+    gives, 1 - 4/5 for C = diag(3, 1) with traces 5 and 5, 1 - 3/6 for a wide C of nuclear norm 3
+    with traces 9 and 4, 1 where a side has no signal."""
+    from mergekit_bico.transfer.procrustes import best_fit_misfit
+
+    diag = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))
+    stack = torch.stack([diag, diag, diag])
+    traces = torch.tensor([[4.0, 4.0], [5.0, 5.0], [0.0, 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(best_fit_misfit(stack, traces), torch.tensor([0.0, 0.2, 1.0], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+    wide = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+    torch.testing.assert_close(best_fit_misfit(wide, torch.tensor([[9.0, 4.0]], dtype=torch.float64)),
+                               torch.tensor([0.5], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_auto_prior_vanishes_where_the_statistics_are_explained_exactly():
+    """X_B = 2 X_A Q exactly (Q a rotation with a positive trace, so the identity's share is
+    positive): with the traces, auto's prior is 0 (to rounding) and R = Q; without them the
+    share alone moves R off Q. With a misfit of 0.2 the factor is 1 to within 1e-10."""
+    from mergekit_bico.transfer.procrustes import identity_share
+
+    gen = torch.Generator().manual_seed(5)
+    x_a = torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    q = torch.linalg.matrix_exp(0.3 * (lambda a: a - a.T)(torch.randn(6, 6, generator=gen, dtype=torch.float64)))
+    x_b = 2.0 * x_a @ q
+    c = x_a.T @ x_b
+    traces = (float((x_a * x_a).sum()), float((x_b * x_b).sum()))
+    share = float(identity_share(c.unsqueeze(0))[0])
+    assert share > 0.5
+    exact = procrustes(c, prior="auto", traces=traces)
+    assert exact.prior < 1e-12 and exact.misfit < 1e-12
+    torch.testing.assert_close(exact.r, q, rtol=0, atol=1e-10)
+    share_only = procrustes(c, prior="auto")
+    assert math.isclose(share_only.prior, share, rel_tol=1e-12) and share_only.misfit is None
+    assert float((share_only.r - q).abs().max()) > 1e-3
+    nuclear = float(torch.linalg.svdvals(c).sum())
+    noisy = procrustes(c, prior="auto", traces=(nuclear / 0.8, nuclear / 0.8))   # misfit 0.2
+    assert math.isclose(noisy.misfit, 0.2, rel_tol=1e-9)
+    assert math.isclose(noisy.prior, share, rel_tol=1e-10)

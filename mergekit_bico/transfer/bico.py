@@ -79,7 +79,7 @@ from mergekit_bico.config import CalibrationConfig
 from mergekit_bico.errors import CalibrationError, TransferError
 from mergekit_bico.transfer.api import PreparedTransfer, TransferContext, Untransferable, resolve_layer_map
 from mergekit_bico.transfer.layermap import DEAD_BLOCK_RTOL, centered_gram, cka_matrix, similarity_layer_map
-from mergekit_bico.transfer.procrustes import DEFAULT_RTOL, WELL_DETERMINED_RTOL, procrustes_batched, relative_residual
+from mergekit_bico.transfer.procrustes import AUTO_PRIOR_RULE, DEFAULT_RTOL, WELL_DETERMINED_RTOL, procrustes_batched, relative_residual
 from mergekit_bico.transfer.report import TransferReport
 
 logger = logging.getLogger(__name__)
@@ -229,7 +229,9 @@ def fit_maps(
     fits: dict[int, Any] = {}
     for shape, idx in by_shape.items():
         stack = torch.stack([entries[k]["comb"]["c"] for k in idx])
-        for k, fit in zip(idx, procrustes_batched(stack, rtol=rtol, prior=prior)):
+        traces = torch.tensor([[float(entries[k]["comb"]["tr_a"]), float(entries[k]["comb"]["tr_b"])] for k in idx],
+                              dtype=torch.float64)
+        for k, fit in zip(idx, procrustes_batched(stack, rtol=rtol, prior=prior, traces=traces)):
             fits[k] = fit
     for k, e in enumerate(entries):
         fit = fits[k]
@@ -251,6 +253,8 @@ def fit_maps(
                     row[f"residual_{stat}"] = _residual(fit.r, _combine([(stat, st)]))
             if prior:
                 row["identity_prior"] = fit.prior
+            if prior == "auto":
+                row["best_fit_misfit"] = fit.misfit
             if fit.rank < min(d_a, d_b) and not fit.prior:
                 row["note"] = "rank-deficient statistics: unseen directions completed closest to identity"
             rows.append(row)
@@ -428,8 +432,9 @@ def prepare_bico(
         tie_maps=cfg.tie_maps,
         layer_map=cfg.layer_map,
         rtol=rtol,
-        # only when set: maps cached before the option existed stay valid
+        # only when set: maps cached before the option existed stay valid; "auto" names its rule
         **({"identity_prior": cfg.identity_prior} if cfg.identity_prior else {}),
+        **({"auto_prior_rule": AUTO_PRIOR_RULE} if cfg.identity_prior == "auto" else {}),
     )
     manifest_path = store.lookup("bico_index", key)
     if manifest_path is not None:
