@@ -54,14 +54,17 @@ wordnet:
 	  mkdir -p .cache/wordnet && cd .cache/wordnet && apt-get download wordnet-base && dpkg -x wordnet-base_*.deb .; \
 	fi
 
-# the transfer run the README reports (91 min from an empty cache on 2 cores, measured); `make bench
-# TRANSFER_ARGS=` runs every task in every setting (longer still)
-TRANSFER_ARGS ?= --tasks wordnet subjectivity sentiment --seed-tasks wordnet subjectivity --other-tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --fewshot-settings real reverse version --identity-prior 0 1 --prior-settings version
+# the transfer run the README reports (real, reverse and version; `make bench TRANSFER_ARGS=` runs
+# every task in every setting, longer still)
+TRANSFER_ARGS ?= --settings real reverse version --tasks wordnet subjectivity sentiment --seed-tasks wordnet subjectivity --other-tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --fewshot-settings real reverse version --identity-prior 0 1 --prior-settings version
+
+# the width setting (L6 widened to 768 and continued-trained; its base takes ~14 min to build)
+WIDTH_ARGS ?= --settings width --tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --no-fewshot --no-compose --no-ablations --results benchmarks/results/width
 
 # identity_prior on a stronger release drift (the `version` base continued-trained at lr 5e-4, seed 0)
 PRIOR_ARGS ?= --settings real version --tasks wordnet --seeds 0 --version-lr 5e-4 --identity-prior 0 0.1 1 3 --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior
 
-# identity_prior: auto against 1 and the default, 3 seeds of real and version (WordNet)
+# the default (identity_prior: auto) against the plain fit (0) and a fixed prior (1), 3 seeds of real and version (WordNet)
 AUTO_ARGS ?= --settings real version --tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --version-lr 5e-4 --identity-prior 0 1 --no-fewshot --no-compose --no-ablations --results benchmarks/results/identity_prior_auto
 
 bench: $(STAMP_BENCH) wordnet
@@ -71,6 +74,7 @@ bench: $(STAMP_BENCH) wordnet
 	$(PY) -m benchmarks.bico_cost
 	$(PY) -m benchmarks.load
 	$(PY) -m benchmarks.transfer $(TRANSFER_ARGS)
+	$(PY) -m benchmarks.transfer $(WIDTH_ARGS)
 	$(PY) -m benchmarks.transfer $(PRIOR_ARGS)
 	$(PY) -m benchmarks.transfer $(AUTO_ARGS)
 	$(PY) -m benchmarks.readme_tables

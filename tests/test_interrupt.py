@@ -37,6 +37,9 @@ INTERRUPTED = "error: interrupted; no output was written (partial files removed)
 # argument to half its size: a partial write), then run the CLI.
 _CHILD = r"""
 import importlib, os, signal, sys
+# a Ctrl-C in a terminal: Python's handler even when the test runs as a background job (which
+# starts with SIGINT ignored, and Python then keeps it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 target = os.environ["KILL_AT"]
 count = int(os.environ["KILL_COUNT"])
 sig = getattr(signal, "SIG" + os.environ["KILL_SIG"])
