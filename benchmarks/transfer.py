@@ -707,6 +707,28 @@ def check_targets(summary: dict[str, Any], compose: list[dict[str, Any]]) -> lis
                 checks.append({"check": f"compose seed {c['seed']} {merge}: share of the single transfer's gain kept on {t}",
                                "value": f"{100 * kept:.0f}%", "target": ">= 90%" if merge != "task_arithmetic" else "(reference)",
                                "result": ("PASS" if kept >= 0.9 else "FAIL") if merge != "task_arithmetic" else "-"})
+    checks.extend(_compose_means(compose))
+    return checks
+
+
+def _compose_means(compose: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The kept-gain target on the mean over seeds (``mean ± std``, per-seed values listed), like the
+    other targets are judged on seed means; one check per merge method and task, from 2 seeds on."""
+    if len(compose) < 2:
+        return []
+    checks = []
+    for merge in ("ties", "dare_ties", "fisher", "task_arithmetic"):
+        runs = [c for c in compose if merge in c]
+        if len(runs) != len(compose):
+            continue
+        for t in COMPOSE_TASKS:
+            kept = [kept_gain(c[merge][t], c["zero_shot"][t], c["singles"][t]) for c in runs]
+            avg, spread = statistics.fmean(kept), statistics.stdev(kept)
+            reference = merge == "task_arithmetic"
+            checks.append({"check": f"compose, mean over {len(runs)} seeds, {merge}: share of the single transfer's gain kept on {t} "
+                                    f"(per seed {' / '.join(f'{100 * k:.0f}' for k in kept)})",
+                           "value": f"{100 * avg:.0f}% ± {100 * spread:.0f}", "target": "(reference)" if reference else ">= 90%",
+                           "result": "-" if reference else ("PASS" if avg >= 0.9 else "FAIL")})
     return checks
 
 

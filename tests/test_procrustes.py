@@ -178,28 +178,39 @@ def test_residual_needs_full_moment_when_narrowing():
 
 @pytest.mark.parametrize("shape", [(40, 40), (50, 36), (36, 50)])
 @pytest.mark.parametrize("rank", [None, 20])
-def test_eigh_path_equals_the_svd_path(monkeypatch, shape, rank):
+@pytest.mark.parametrize("prior", [0.0, 0.7, "auto"])
+def test_eigh_path_equals_the_svd_path(monkeypatch, shape, rank, prior):
     """Wide maps use the eigendecomposition of the Gram matrix (faster); same map, same rank, same
-    completion of unseen directions as the SVD path (thresholds lowered to run it on small maps)."""
+    completion of unseen directions as the SVD path (thresholds lowered to run it on small maps).
+    With an identity prior the eigenproblem is that of ``C + beta I``, its Gram matrix updated from
+    the one the nuclear norm used: the same map as the SVD of ``C + beta I``."""
     from mergekit_bico.transfer import procrustes as pr
 
     gen = torch.Generator().manual_seed(3)
     x_a = torch.randn(300, shape[0], generator=gen, dtype=torch.float64)
-    x_b = x_a[:, : min(shape)] @ torch.randn(min(shape), shape[1], generator=gen, dtype=torch.float64) \
-        + 0.3 * torch.randn(300, shape[1], generator=gen, dtype=torch.float64)
+    k = min(shape)
+    mix = torch.eye(k, shape[1], dtype=torch.float64) + torch.randn(k, shape[1], generator=gen, dtype=torch.float64) / k ** 0.5
     if rank is not None:
         x_a = x_a @ torch.linalg.qr(torch.randn(shape[0], rank, generator=gen, dtype=torch.float64))[0] \
             @ torch.randn(rank, shape[0], generator=gen, dtype=torch.float64)
+    x_b = x_a[:, :k] @ mix + 0.3 * torch.randn(300, shape[1], generator=gen, dtype=torch.float64)
     c = x_a.T @ x_b
-    ref = pr.procrustes(c, rtol=1e-7)
+    traces = (float((x_a * x_a).sum()), float((x_b * x_b).sum()))
+    ref = pr.procrustes(c, rtol=1e-7, prior=prior, traces=traces)
     monkeypatch.setattr(pr, "EIGH_MIN_DIM", 1)
-    got = pr.procrustes(c, rtol=1e-7)
+    got = pr.procrustes(c, rtol=1e-7, prior=prior, traces=traces)
+    # the nuclear norm from the Gram's eigenvalues: unseen directions add sqrt(noise) ~ 1e-8 s_max each
+    assert math.isclose(got.prior, ref.prior, rel_tol=1e-6)
+    if prior == "auto":
+        assert 0.05 < got.prior < 1 and 0 < got.misfit < 1 and math.isclose(got.misfit, ref.misfit, rel_tol=1e-6)
+    if prior:                                   # C + beta I: full rank whatever C's rank
+        rank = None
     assert got.rank == ref.rank == (rank or min(shape))
     smax, r = float(ref.singular_values[0]), got.rank
-    torch.testing.assert_close(got.singular_values[:r], ref.singular_values[:r], rtol=1e-9, atol=1e-9 * smax)
+    tol = 1e-7 if prior == "auto" else 1e-9     # auto: beta inherits the nuclear norm's 1e-8 (above)
+    torch.testing.assert_close(got.singular_values[:r], ref.singular_values[:r], rtol=tol, atol=tol * smax)
     assert (float(got.singular_values[r:].max()) if r < len(got.singular_values) else 0.0) < 1e-7 * smax   # the squaring's noise floor
     torch.testing.assert_close(got.r, ref.r, rtol=0, atol=1e-7)
-    k = min(shape)
     eye = torch.eye(k, dtype=torch.float64)
     gram = got.r.T @ got.r if shape[0] >= shape[1] else got.r @ got.r.T
     torch.testing.assert_close(gram, eye, rtol=0, atol=1e-10)

@@ -61,6 +61,21 @@ def test_composition_keeps_share_of_each_single_gain():
     kept = checks["compose seed 0 ties: share of the single transfer's gain kept on wordnet"]
     assert kept["value"] == "75%" and kept["result"] == "FAIL"       # 0.15 / 0.20
     assert checks["compose seed 0 task_arithmetic: share of the single transfer's gain kept on wordnet"]["result"] == "-"
+    assert not any(name.startswith("compose, mean") for name in checks)     # one seed: no mean
+
+
+def test_composition_target_on_the_mean_over_seeds():
+    """Seeds keeping 0.95 / 0.875 of the subjectivity gain: mean 91% ± 5 PASS (one seed below);
+    wordnet 0.75 / 0.85: mean 80% FAIL; a merge missing on one seed gets no mean."""
+    base = {"singles": {"subjectivity": 0.80, "wordnet": 0.60}, "zero_shot": {"subjectivity": 0.60, "wordnet": 0.40}}
+    compose = [{"seed": 0, **base, "ties": {"subjectivity": 0.79, "wordnet": 0.55}, "fisher": {"subjectivity": 0.8, "wordnet": 0.6}},
+               {"seed": 1, **base, "ties": {"subjectivity": 0.775, "wordnet": 0.57}}]
+    checks = {c["check"]: c for c in check_targets({"rows": []}, compose)}
+    subj = checks["compose, mean over 2 seeds, ties: share of the single transfer's gain kept on subjectivity (per seed 95 / 87)"]
+    assert subj["value"] == "91% ± 5" and subj["result"] == "PASS"
+    word = checks["compose, mean over 2 seeds, ties: share of the single transfer's gain kept on wordnet (per seed 75 / 85)"]
+    assert word["value"] == "80% ± 7" and word["result"] == "FAIL"
+    assert not any("fisher" in name and name.startswith("compose, mean") for name in checks)
 
 
 def test_seed_tasks_run_the_other_tasks_at_the_first_seed_only():

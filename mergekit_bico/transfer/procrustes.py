@@ -157,13 +157,34 @@ def _identity_rows(n: torch.Tensor, d: int) -> torch.Tensor:
     return torch.cat([n, n.new_zeros(d - n.shape[0], n.shape[1])])
 
 
-def _nuclear(c: torch.Tensor) -> torch.Tensor:
-    """``||C||_*`` of each matrix of a stack (b, d_A, d_B)."""
-    if min(c.shape[1:]) >= EIGH_MIN_DIM:   # from the smaller Gram's eigenvalues (no vectors)
-        wide = c.shape[1] < c.shape[2]
-        gram = c @ c.transpose(1, 2) if wide else c.transpose(1, 2) @ c
+def _gram(c: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of each matrix of a stack (b, d_A, d_B): ``C C^T`` when d_A < d_B,
+    ``C^T C`` otherwise (min(d_A, d_B) square)."""
+    return c @ c.transpose(1, 2) if c.shape[1] < c.shape[2] else c.transpose(1, 2) @ c
+
+
+def _nuclear(c: torch.Tensor, gram: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``||C||_*`` of each matrix of a stack (b, d_A, d_B); from the eigenvalues (no vectors) of
+    the smaller Gram matrix ``gram`` (computed when not given) where both sides are at least
+    ``EIGH_MIN_DIM`` wide, from the singular values otherwise."""
+    if min(c.shape[1:]) >= EIGH_MIN_DIM:
+        gram = _gram(c) if gram is None else gram
         return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1)
     return torch.linalg.svdvals(c).sum(-1)
+
+
+def _shifted_gram(gram: torch.Tensor, c: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of ``C + beta I_{d_A x d_B}`` from that of ``C`` without another
+    product: ``G + beta (P + P^T) + beta^2 I`` with ``P`` the leading min(d_A, d_B) square block of
+    ``C`` (``I C^T`` / ``I^T C`` keep exactly those rows / columns)."""
+    k = gram.shape[-1]
+    out = torch.empty_like(gram)
+    for i in range(gram.shape[0]):          # per matrix, in place: a stack-wide transpose is slower
+        p, b = c[i, :k, :k], float(beta[i])
+        torch.add(gram[i], p, alpha=b, out=out[i])
+        out[i].add_(p.T, alpha=b)
+        out[i].diagonal().add_(b * b)
+    return out
 
 
 def identity_share(c: torch.Tensor, nuclear: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -186,9 +207,11 @@ def best_fit_misfit(c: torch.Tensor, traces: torch.Tensor, nuclear: Optional[tor
     return (1.0 - share).clamp(0.0, 1.0)
 
 
-def _auto_prior(c: torch.Tensor, traces: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``prior="auto"``'s priors and (with ``traces``) the best fits' misfits, one nuclear norm each."""
-    nuclear = _nuclear(c)
+def _auto_prior(c: torch.Tensor, traces: Optional[torch.Tensor],
+                gram: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``prior="auto"``'s priors and (with ``traces``) the best fits' misfits, one nuclear norm each
+    (from ``gram``, the stack's smaller Gram matrices, where given: see :func:`_nuclear`)."""
+    nuclear = _nuclear(c, gram)
     share = identity_share(c, nuclear).clamp_min(0.0)
     if traces is None:
         return share, None
@@ -222,13 +245,17 @@ def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL,
     c = c.to(torch.float64)
     d_a, d_b = c.shape[1:]
     data = c
-    priors, misfits = _auto_prior(c, traces) if prior == "auto" else (resolve_prior(c, prior), None)
+    by_eigh = min(d_a, d_b) >= EIGH_MIN_DIM
+    gram = _gram(c) if by_eigh else None     # shared by the nuclear norms and the eigenproblem
+    priors, misfits = _auto_prior(c, traces, gram) if prior == "auto" else (resolve_prior(c, prior), None)
     if bool((priors > 0).any()):
         beta = priors * torch.linalg.matrix_norm(c) / min(d_a, d_b) ** 0.5
-        eye = torch.eye(d_a, d_b, dtype=c.dtype, device=c.device)
-        c = c + beta[:, None, None] * eye
-    if min(d_a, d_b) >= EIGH_MIN_DIM:
-        u, s, vh = _svd_by_eigh(c)
+        if gram is not None:
+            gram = _shifted_gram(gram, c, beta)
+        c = c.clone()
+        c.diagonal(dim1=1, dim2=2).add_(beta[:, None])      # C + beta I_{d_A x d_B}
+    if by_eigh:
+        u, s, vh = _svd_by_eigh(c, gram)
         rtol = max(rtol, EIGH_RTOL)
         u_full, v_full = d_a < d_b, d_a >= d_b     # the eigenvectors' side is complete
     else:
@@ -248,13 +275,13 @@ def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL,
     return fits
 
 
-def _svd_by_eigh(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _svd_by_eigh(c: torch.Tensor, gram: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD ``(u, s, vh)`` of a stack (b, d_A, d_B) from the eigendecomposition of the smaller
-    Gram matrix: ``C^T C = V S^2 V^T``, ``U = C V / S`` (columns for ``S <= EIGH_RTOL s_max`` are
-    zero: the caller completes those directions). Singular values descending."""
+    Gram matrix (``gram`` where the caller has it, see :func:`_gram`): ``C^T C = V S^2 V^T``,
+    ``U = C V / S`` (columns for ``S <= EIGH_RTOL s_max`` are zero: the caller completes those
+    directions). Singular values descending."""
     wide = c.shape[1] < c.shape[2]          # d_A < d_B: work with C C^T
-    m = c @ c.transpose(1, 2) if wide else c.transpose(1, 2) @ c
-    w, q = torch.linalg.eigh(m)
+    w, q = torch.linalg.eigh(_gram(c) if gram is None else gram)
     w, q = w.flip(-1), q.flip(-1)           # descending
     s = w.clamp_min(0).sqrt()
     smax = s[:, :1].clamp_min(torch.finfo(s.dtype).tiny)
