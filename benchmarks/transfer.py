@@ -90,6 +90,7 @@ FISHER_SCALES = ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5), (0.25, 1.0), (1.0, 0.25))
 FISHER_LAMBDAS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FISHER_PARAMETERS = {"fisher_estimator": "empirical", "normalize": True, "fisher_floor": 1e-6}
 COMPOSE_MERGES = ("task_arithmetic", "ties", "dare_ties", "fisher")
+CHECK_ORDER = ("ties", "dare_ties", "fisher", "task_arithmetic")     # in the checks: the targets first
 TASKS = ("sentiment", "subjectivity", "wordnet")
 SETTINGS = ("real", "reverse", "version", "width")
 UNIT_VERSION = "transfer-unit-v1"
@@ -699,7 +700,7 @@ def check_targets(summary: dict[str, Any], compose: list[dict[str, Any]]) -> lis
         checks.append({"check": "mean gain recovery of bico-128 over tasks/settings with gain >= 10 points",
                        "value": f"{100 * avg:.0f}%", "target": ">= 60%", "result": "PASS" if avg >= 0.6 else "FAIL"})
     for c in compose:
-        for merge in ("ties", "dare_ties", "fisher", "task_arithmetic"):     # the targets first
+        for merge in CHECK_ORDER:
             if merge not in c:
                 continue
             for t in COMPOSE_TASKS:
@@ -717,7 +718,7 @@ def _compose_means(compose: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if len(compose) < 2:
         return []
     checks = []
-    for merge in ("ties", "dare_ties", "fisher", "task_arithmetic"):
+    for merge in CHECK_ORDER:
         runs = [c for c in compose if merge in c]
         if len(runs) != len(compose):
             continue
