@@ -275,13 +275,13 @@ def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL,
     return fits
 
 
-def _svd_by_eigh(c: torch.Tensor, gram: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``(u, s, vh)`` of a stack (b, d_A, d_B) from the eigendecomposition of the smaller
-    Gram matrix (``gram`` where the caller has it, see :func:`_gram`): ``C^T C = V S^2 V^T``,
+def _svd_by_eigh(c: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``(u, s, vh)`` of a stack (b, d_A, d_B) from the eigendecomposition of its smaller
+    Gram matrix ``gram`` (see :func:`_gram`): ``C^T C = V S^2 V^T``,
     ``U = C V / S`` (columns for ``S <= EIGH_RTOL s_max`` are zero: the caller completes those
     directions). Singular values descending."""
     wide = c.shape[1] < c.shape[2]          # d_A < d_B: work with C C^T
-    w, q = torch.linalg.eigh(_gram(c) if gram is None else gram)
+    w, q = torch.linalg.eigh(gram)
     w, q = w.flip(-1), q.flip(-1)           # descending
     s = w.clamp_min(0).sqrt()
     smax = s[:, :1].clamp_min(torch.finfo(s.dtype).tiny)
