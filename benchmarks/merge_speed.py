@@ -40,7 +40,8 @@ page cache) and ``sync`` is called (so no tool pays for another's dirty pages). 
 shared: our CLI and the I/O references run ``--repeat`` times (default 3) and the fastest run is
 reported; mergekit, several times slower, runs ``--mergekit-repeat`` times (default 1). The 1-minute
 load average before each run is kept in the JSON. ``python -c 'import torch'`` is timed too: every
-merge pays that start-up, the floor does not.
+torch-based merge pays that start-up, the floor does not. Our task_arithmetic runs in numpy and does
+not import torch; one extra untimed run per method records whether ours did (``imports_torch``).
 
 Output: a markdown table printed and written to ``benchmarks/results/merge_speed.md``, and
 ``benchmarks/results/merge_speed.json`` with every measurement, machine info, the command and
@@ -255,6 +256,23 @@ def ours_cmd(args: argparse.Namespace) -> list[str]:
     if b.exists():
         return [str(b)]
     return [sys.executable, "-c", "from mergekit_bico.cli import yaml_main; yaml_main()"]
+
+
+def imports_torch(args: argparse.Namespace, cfg: Path, out: Path) -> Optional[bool]:
+    """Whether our merge of ``cfg`` imports torch (one untimed run in a child; None with
+    ``--ours-bin``, whose interpreter we do not control). linear / task_arithmetic run in numpy
+    and need not; the output folder is removed afterwards."""
+    if args.ours_bin:
+        return None
+    _rmtree(out)
+    code = ("import sys; from mergekit_bico.cli import yaml_main\n"
+            "try:\n    yaml_main(sys.argv[1:], standalone_mode=False)\n"
+            "finally:\n    print('TORCH', 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(cfg), str(out), "--quiet", *args.ours_args],
+                          capture_output=True, text=True)
+    _rmtree(out)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("TORCH ")), None)
+    return None if proc.returncode or line is None else line.endswith("True")
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -552,6 +570,10 @@ def run_size(args: argparse.Namespace, size: int, workdir: Path, mk_bin: Optiona
         row = {**common, "method": method, "tool": "mergekit-bico", **ours}
         print(f"  {ours['wall_s']:.1f} s, peak RSS {ours['maxrss_mib']:.0f} MiB "
               f"(anon {ours['rss_anon_peak_mib']:.0f}, file {ours['rss_file_peak_mib']:.0f})", flush=True)
+        torch_used = imports_torch(args, cfg, ours_out)
+        if torch_used is not None:
+            row["imports_torch"] = torch_used
+            print(f"  torch imported by this merge: {'yes' if torch_used else 'no'}", flush=True)
         mk_row = None
         if with_mk:
             print(f"[x{size}] {method}: mergekit-yaml 0.1.5", flush=True)
@@ -677,7 +699,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "anon/file: sampled peaks of RssAnon/RssFile (file = mapped files, e.g. mmapped inputs). "
         "floor = one process reading the three inputs once and writing one output of one model's size, "
         "fsync per shard (our writer fsyncs; mergekit does not); startup = `python -c 'import torch'`, "
-        "part of every merge. max abs diff: over all elements of all tensors; for TIES, elements on a tied "
+        "part of every torch-based merge (mergekit's; ours for ties; ours for task_arithmetic runs in numpy). max abs diff: over all elements of all tensors; for TIES, elements on a tied "
         "top-k threshold (equal |delta| at the k-th place: which of them are kept is up to the sort, "
         "torch.argsort's unstable order in mergekit, lowest index in mergekit-bico) are counted apart.",
         "",
@@ -780,7 +802,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if r["method"] == "task_arithmetic" and r["tool"] == "mergekit-bico":
             su = next((x for x in rows if x["size"] == r["size"] and "startup" in x["tool"]), None)
             fl = next((x for x in rows if x["size"] == r["size"] and x["tool"].startswith("floor (")), None)
-            if su and fl:
+            if r.get("imports_torch") is False:
+                notes.append(f"{r['size']} task_arithmetic: ours did not import torch (the numpy path of the "
+                             "elementwise methods), so it does not pay the start-up row; ties does.")
+            elif su and fl:
                 notes.append(f"{r['size']} task_arithmetic: without the interpreter + torch start-up "
                              f"({su['wall_s']:.2f} s) ours takes {r['wall_s'] - su['wall_s']:.2f} s = "
                              f"{(r['wall_s'] - su['wall_s']) / fl['wall_s']:.2f}x the floor.")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import torch
+from mergekit_bico.dtypes import FLOATING, NUMPY_METHODS, name_of, promote, torch, torch_dtype
 import yaml
 from tqdm.auto import tqdm
 
@@ -58,12 +58,17 @@ class RunResult:
 class Inputs:
     """Hands each job its input tensors (and any statistics) on the compute device."""
 
-    def __init__(self, plan: Plan, options: RunOptions, compute_dtype: Optional[torch.dtype]):
+    def __init__(self, plan: Plan, options: RunOptions, compute_dtype: Optional[str | torch.dtype]):
         self.plan = plan
         self.options = options
-        self.compute_dtype = compute_dtype
+        #: the config's ``dtype`` (a name), None: each job's inputs' promotion
+        self.compute_name: Optional[str] = name_of(compute_dtype) if compute_dtype is not None else None
         self.transfers: list[Any] = []          # PreparedTransfer per plan.transfers index
         self.stats: dict[int, tuple[Any, float]] = {}   # entry index -> (Fisher stats file, its global norm)
+
+    @property
+    def compute_dtype(self) -> Optional[torch.dtype]:
+        return torch_dtype(self.compute_name) if self.compute_name else None
 
     def statistic(self, entry: int, name: str) -> tuple[Optional[torch.Tensor], float]:
         """``(Fisher tensor or None, Fisher norm)`` of one input entry for output tensor ``name``."""
@@ -79,10 +84,14 @@ class Inputs:
     def _check_finite(self, t: torch.Tensor, model: str, tensor: str) -> None:
         """Apply ``--nan-policy`` to an input tensor (or a slice of one)."""
         if self.options.nan_policy != "ignore" and _has_nonfinite(t):
-            msg = f"tensor '{tensor}' of model '{model}' contains NaN or Inf"
-            if self.options.nan_policy == "error":
-                raise TensorMismatchError(msg + " (pass --nan-policy warn to merge anyway)")
-            log.warning(msg)
+            self.nonfinite(model, tensor)
+
+    def nonfinite(self, model: str, tensor: str) -> None:
+        """``--nan-policy`` for an input found to hold NaN or Inf: raise, or warn."""
+        msg = f"tensor '{tensor}' of model '{model}' contains NaN or Inf"
+        if self.options.nan_policy == "error":
+            raise TensorMismatchError(msg + " (pass --nan-policy warn to merge anyway)")
+        log.warning(msg)
 
     def _read_flat(self, model: str, tensor: str, a: int, b: int, check: bool) -> torch.Tensor:
         t = self.plan.models[model].get_flat(tensor, a, b, dtype=self.compute_dtype)
@@ -145,7 +154,8 @@ def _chunk_kind(job: Job, options: RunOptions) -> Optional[str]:
 Unit = tuple  # (loader: () -> loaded inputs, processor: (loaded) -> None)
 
 
-def _units(order: list[Job], inputs: Inputs, writer: Any, options: RunOptions, bar: Any) -> Iterator[Unit]:
+def _units(order: list[Job], inputs: Inputs, writer: Any, options: RunOptions, bar: Any,
+           lean: dict[str, "_Lean"]) -> Iterator[Unit]:
     """The merge as a sequence of (load, process) steps: a whole tensor, or one slice of a big one.
 
     Loading (pread + NaN check) never depends on what earlier steps computed (a background
@@ -153,8 +163,10 @@ def _units(order: list[Job], inputs: Inputs, writer: Any, options: RunOptions, b
     """
     streaming = isinstance(writer, StreamingShardedWriter)
     for job in order:
-        kind = _chunk_kind(job, options) if streaming else None
-        if kind is None:
+        kind = _chunk_kind(job, options) if streaming and job.name not in lean else None
+        if job.name in lean:
+            yield from _lean_units(job, lean[job.name], inputs, writer)
+        elif kind is None:
             yield _whole_unit(job, inputs, writer)
         elif kind == "elementwise":
             yield from _elementwise_units(job, inputs, writer)
@@ -186,6 +198,97 @@ def _elementwise_units(job: Job, inputs: Inputs, writer: Any) -> Iterator[Unit]:
 
     for a, b in _ranges(job, ELEMENTWISE_SLICE):
         yield (lambda a=a, b=b: inputs.load_flat(job, a, b, check=False)), (lambda loaded, a=a: process(loaded, a))
+
+
+@dataclass(frozen=True)
+class _Lean:
+    """How a job runs in numpy: its computation dtype, each input's stored dtype, the output's."""
+    compute: str
+    stored: tuple[str, ...]      # base first when the method uses one, then the inputs
+    out: str
+
+
+_LEAN_DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: run eligible elementwise jobs in numpy (False: every job in torch; tests compare the two)
+NUMPY_ELEMENTWISE = True
+
+
+def _lean_job(job: Job, inputs: Inputs) -> Optional[_Lean]:
+    """Whether ``job`` runs in numpy (:mod:`~mergekit_bico.methods.elementwise_np`), bit for bit
+    as in torch: ``linear`` / ``task_arithmetic`` on the CPU, all inputs floating safetensors
+    tensors of one shape, no transfer, no DARE seed; a float64 computation
+    only with a float32/float64 output (torch's float64 -> 16-bit rounding is not reproduced)."""
+    if not NUMPY_ELEMENTWISE or inputs.options.device != "cpu" or job.method.name not in NUMPY_METHODS:
+        return None
+    if job.seed is not None:
+        return None
+    if not job.inputs:
+        return None
+    if job.method.base == "required" and job.base is None:
+        return None  # the torch path raises the method's error
+    refs = ([job.base] if job.base is not None and job.method.base != "none" else []) + list(job.inputs)
+    if any(r.transfer is not None for r in refs):
+        return None
+    models = inputs.plan.models
+    stored = []
+    for r in refs:
+        model = models[r.model]
+        if not model.can_read_raw(r.tensor) or tuple(model.shape(r.tensor)) != tuple(job.shape):
+            return None
+        stored.append(model.dtype_name(r.tensor))
+    if any(d not in _LEAN_DTYPES for d in stored):
+        return None
+    compute = inputs.compute_name
+    if compute is None:
+        compute = stored[0]
+        for d in stored[1:]:
+            compute = promote(compute, d)
+    out = job.out_dtype_name or compute
+    if compute == "float64" and out not in ("float64", "float32"):
+        return None
+    if compute in ("float16", "bfloat16") and "float64" in stored:
+        return None
+    return _Lean(compute, tuple(stored), out)
+
+
+def _lean_units(job: Job, lean: _Lean, inputs: Inputs, writer: Any) -> Iterator[Unit]:
+    """``linear`` / ``task_arithmetic`` in numpy, slice by slice (whole tensors up to
+    ``ELEMENTWISE_SLICE`` elements); NaN/Inf checked on each slice's output as in
+    :func:`_elementwise_units`."""
+    import numpy as np
+
+    from mergekit_bico.methods import elementwise_np as enp
+
+    params = job.method.resolve(job.model_params, job.global_params, tensor_name=job.name)
+    uses_base = job.base is not None and job.method.base != "none"
+    refs = ([job.base] if uses_base else []) + list(job.inputs)
+    models = inputs.plan.models
+    numel = math.prod(job.shape)
+
+    def load(a: int, b: int) -> list[Any]:
+        arrays = []
+        for ref, dtype in zip(refs, lean.stored):
+            raw = np.empty(b - a, dtype=enp.STORAGE[dtype])
+            models[ref.model].read_flat_into(ref.tensor, a, raw)
+            arrays.append(raw)
+        return arrays
+
+    def process(raws: list[Any], a: int) -> None:
+        work = [enp.to_work(raw, dtype, lean.compute) for raw, dtype in zip(raws, lean.stored)]
+        if job.method.name == "linear":
+            out = enp.linear(work, params["weight"], dtype=lean.compute, normalize=params["normalize"])
+        else:
+            out = enp.task_arithmetic(work[1:], work[0], params["weight"], dtype=lean.compute,
+                                      normalize=params["normalize"], lambda_=params["lambda"])
+        if inputs.options.nan_policy != "ignore" and enp.has_nonfinite(out):
+            for ref, x in zip(refs, work):
+                if enp.has_nonfinite(x):
+                    inputs.nonfinite(ref.model, ref.tensor)
+        writer.add_part_bytes(job.name, enp.from_work(out, lean.out), a, lean.out)
+
+    for a in range(0, max(numel, 1), ELEMENTWISE_SLICE):
+        b = min(numel, a + ELEMENTWISE_SLICE)
+        yield (lambda a=a, b=b: load(a, b)), (lambda loaded, a=a: process(loaded, a))
 
 
 def _whole_unit(job: Job, inputs: Inputs, writer: Any) -> Unit:
@@ -303,7 +406,7 @@ def model_card(config_text: str, plan: Plan) -> str:
     )
 
 
-def _patch_config(out_dir: Path, plan: Plan, out_dtype: Optional[torch.dtype]) -> None:
+def _patch_config(out_dir: Path, plan: Plan, out_dtype: Optional[str]) -> None:
     path = out_dir / "config.json"
     if not path.exists():
         return
@@ -320,7 +423,7 @@ def _patch_config(out_dir: Path, plan: Plan, out_dtype: Optional[torch.dtype]) -
                 new_types.append(types[idx] if idx < len(types) else cfg["layer_types"][0])
             cfg["layer_types"] = new_types
     if out_dtype is not None:
-        name = str(out_dtype).replace("torch.", "")
+        name = out_dtype
         if "dtype" in cfg or "torch_dtype" not in cfg:
             cfg["dtype"] = name
         if "torch_dtype" in cfg:
@@ -338,8 +441,7 @@ def run_plan(
 ) -> RunResult:
     """Prepare statistics/transfers, then stream every job's result into ``out_path`` atomically."""
     start = time.perf_counter()
-    compute_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                     "float64": torch.float64}.get(plan.config.dtype or "")
+    compute_dtype = plan.config.dtype or None    # a name; torch dtypes are made where torch runs
     inputs = Inputs(plan, options, compute_dtype)
     extra_reports: list[Any] = prepare(inputs) if prepare else []
     order = _storage_order(plan)
@@ -351,8 +453,11 @@ def run_plan(
             writer: Any = StreamingShardedWriter(tmp, options.out_shard_size, layout, metadata=metadata)
         else:
             writer = ShardedWriter(tmp, options.out_shard_size, metadata=metadata)
+        lean = {}
+        if isinstance(writer, StreamingShardedWriter):
+            lean = {job.name: how for job in order if (how := _lean_job(job, inputs)) is not None}
         with tqdm(total=len(order), desc="merging", unit="tensor", disable=not options.progress) as bar:
-            for load, process in _units(order, inputs, writer, options, bar):
+            for load, process in _units(order, inputs, writer, options, bar, lean):
                 process(load())
         writer.finish()
         ref = plan.base_path or plan.entries[0].path
@@ -365,7 +470,7 @@ def run_plan(
             for f in tmp.iterdir():
                 if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
                     f.unlink()
-        _patch_config(tmp, plan, plan.jobs[0].out_dtype if plan.jobs else None)
+        _patch_config(tmp, plan, plan.jobs[0].out_dtype_name if plan.jobs else None)
         (tmp / "mergekit_config.yml").write_text(config_text if config_text.endswith("\n") else config_text + "\n")
         if options.write_model_card:
             (tmp / "README.md").write_text(model_card(config_text, plan))
@@ -377,7 +482,7 @@ def run_plan(
     return RunResult(out_path, len(order), bytes_written, time.perf_counter() - start, reports)
 
 
-def _output_layout(plan: Plan, order: list[Job], compute_dtype: Optional[torch.dtype]) -> Optional[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
+def _output_layout(plan: Plan, order: list[Job], compute_dtype: Optional[str]) -> Optional[list[tuple[str, str, tuple[int, ...]]]]:
     """(name, dtype, shape) of every output tensor in ``order``, as ``_merge_one`` will produce them,
     from the input headers alone; None when that cannot be known up front (then the writer buffers).
 
@@ -389,20 +494,20 @@ def _output_layout(plan: Plan, order: list[Job], compute_dtype: Optional[torch.d
     layout = []
     try:
         for job in order:
-            if job.out_dtype is not None:
-                dtype = job.out_dtype
+            if job.out_dtype_name is not None:
+                dtype = job.out_dtype_name
             else:
                 refs = ([job.base] if job.base is not None else []) + list(job.inputs)
                 if not refs or any(r.transfer is not None for r in refs):
                     return None
-                dtypes = [plan.models[r.model].dtype(r.tensor) for r in refs]
+                dtypes = [plan.models[r.model].dtype_name(r.tensor) for r in refs]
                 if compute_dtype is not None:
                     dtypes = [compute_dtype for _ in dtypes]
-                if not all(d.is_floating_point for d in dtypes):
+                if not all(d in FLOATING for d in dtypes):
                     return None
                 dtype = dtypes[0]
                 for d in dtypes[1:]:
-                    dtype = torch.promote_types(dtype, d)
+                    dtype = promote(dtype, d)
             layout.append((job.name, dtype, tuple(job.shape)))
     except Exception:  # noqa: BLE001 - anything unusual: fall back to the buffering writer
         return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
+from mergekit_bico.dtypes import torch, torch_dtype
 
 from mergekit_bico.config import CalibrationConfig, MergeConfig, TransferConfig
 from mergekit_bico.errors import ConfigError, TensorMismatchError
@@ -26,12 +26,8 @@ LAYER_RE = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|layer|blocks))\.(?P<idx>\d+
 PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings", "embeddings.")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
-DTYPE_NAMES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
+#: the config's ``dtype`` / ``out_dtype`` values (torch's names of the merge dtypes)
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 
 
 def layer_of(name: str) -> Optional[tuple[str, int, str]]:
@@ -93,8 +89,12 @@ class Job:
     model_params: list[dict[str, Any]]
     global_params: dict[str, Any]
     entries: list[int]              # index into Plan.entries of each input (for statistics look-ups)
-    out_dtype: Optional[torch.dtype]
+    out_dtype_name: Optional[str]     # "bfloat16", ...: out_dtype, else dtype, of the config
     seed: Optional[int] = None
+
+    @property
+    def out_dtype(self) -> Optional[torch.dtype]:
+        return torch_dtype(self.out_dtype_name) if self.out_dtype_name else None
 
     def describe(self) -> str:
         ins = ", ".join(
@@ -151,8 +151,7 @@ class Planner:
         self.models: dict[str, LazyModel] = {}
         self.entries: list[ModelEntry] = []
         self.transfers: list[tuple[ModelEntry, TransferConfig, Optional[CalibrationConfig]]] = []
-        self.compute_dtype = DTYPE_NAMES[config.dtype] if config.dtype else None
-        self.out_dtype = DTYPE_NAMES[config.out_dtype or config.dtype] if (config.out_dtype or config.dtype) else None
+        self.out_dtype = config.out_dtype or config.dtype or None
 
     # -- models --------------------------------------------------------------------------------
     def model(self, ref: str) -> LazyModel:
@@ -384,7 +383,7 @@ class Planner:
             model_params=params,
             global_params=global_params,
             entries=entry_ids,
-            out_dtype=self.out_dtype,
+            out_dtype_name=self.out_dtype,
             seed=seed,
         )
 

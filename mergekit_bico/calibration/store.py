@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-import torch
+from mergekit_bico.dtypes import TAGS, torch, torch_dtype
 
 from mergekit_bico.errors import CalibrationError
 
@@ -110,9 +110,7 @@ def _validate_header(path: Path) -> dict[str, Any]:
     return header
 
 
-_TORCH_DTYPES = {tag: getattr(torch, name) for tag, name in (
-    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
-    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"))}
+_PREAD_TAGS = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"})
 # pread straight into a fresh tensor (little-endian data, POSIX): nothing is mapped, so reading a
 # whole stats file tensor by tensor does not leave its pages in the process's RSS
 _PREAD = sys.byteorder == "little" and hasattr(os, "preadv")
@@ -176,8 +174,8 @@ class StatsFile:
             raise CalibrationError(f"stats file '{self.path}' has no tensor '{name}'")
         try:
             offset, nbytes, tag = self._spans[name]
-            if _PREAD and tag in _TORCH_DTYPES:
-                return self._pread(offset, nbytes).view(_TORCH_DTYPES[tag]).reshape(self._shapes[name])
+            if _PREAD and tag in _PREAD_TAGS:
+                return self._pread(offset, nbytes).view(torch_dtype(TAGS[tag][0])).reshape(self._shapes[name])
             return self._open().get_tensor(name).clone()
         except CalibrationError:
             raise

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
+from mergekit_bico.dtypes import TAG_OF, TAGS, name_of, torch, torch_dtype
 
 from mergekit_bico.errors import ModelLoadError, TensorMismatchError
 
@@ -68,34 +68,9 @@ WEIGHT_LAYOUTS = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)
 # safetensors' own limit on the JSON header
 _MAX_HEADER_BYTES = 100_000_000
 
-# safetensors dtype tag -> (torch attribute, bytes per element); entries whose
-# torch dtype does not exist in the installed torch are dropped below.
-_DTYPE_TABLE: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U64": ("uint64", 8),
-    "U32": ("uint32", 4),
-    "U16": ("uint16", 2),
-    "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-    "C64": ("complex64", 8),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
-    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
-    "F8_E8M0": ("float8_e8m0fnu", 1),
-}
-SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    tag: (getattr(torch, attr), size)
-    for tag, (attr, size) in _DTYPE_TABLE.items()
-    if isinstance(getattr(torch, attr, None), torch.dtype)
-}
+# safetensors dtype tag -> (dtype name, bytes per element): :data:`mergekit_bico.dtypes.TAGS`.
+# A tag whose dtype the installed torch lacks is refused when such a tensor is read.
+SAFETENSORS_DTYPES = TAGS
 
 # safetensors data is little-endian; preadv is POSIX (no Windows): else the safetensors mmap path
 _PREAD = sys.byteorder == "little" and hasattr(os, "preadv")
@@ -112,10 +87,14 @@ _FP_BIN_CHUNK = 4096
 @dataclass(frozen=True)
 class _TensorInfo:
     file: str  # path relative to the model folder
-    dtype: torch.dtype
+    dtype_name: str  # "bfloat16", ... (see mergekit_bico.dtypes)
     shape: tuple[int, ...]
     nbytes: int
     begin: int = -1  # absolute byte offset of the data in a safetensors file
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
 
 
 @dataclass
@@ -383,7 +362,7 @@ class LazyModel:
                 or not 0 <= offs[0] <= offs[1]
             ):
                 raise self._err(f"{tpre}: invalid data_offsets {offs!r}")
-            dtype, itemsize = SAFETENSORS_DTYPES[tag]
+            dtype_name, itemsize = TAGS[tag]
             need = math.prod(shape) * itemsize
             begin, end = offs
             if end - begin != need:
@@ -391,7 +370,7 @@ class LazyModel:
                     f"{tpre}: data_offsets [{begin}, {end}] span {end - begin} bytes but "
                     f"shape {shape} x {tag} needs {need}"
                 )
-            info = _TensorInfo(rel, dtype, tuple(shape), need, 8 + hlen + begin)
+            info = _TensorInfo(rel, dtype_name, tuple(shape), need, 8 + hlen + begin)
             entries.append((begin, end, name, info))
         entries.sort(key=lambda e: (e[0], e[1]))
         if entries:
@@ -461,7 +440,7 @@ class LazyModel:
                 for key, value in sd.items():
                     if self._where.get(key) == rel:
                         self._info[key] = _TensorInfo(
-                            rel, value.dtype, tuple(value.shape), value.numel() * value.element_size()
+                            rel, name_of(value.dtype), tuple(value.shape), value.numel() * value.element_size()
                         )
                 self._bin_loaded.add(rel)
             self._bin_cache[rel] = sd
@@ -536,7 +515,17 @@ class LazyModel:
         return self._meta(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._meta(name).dtype
+        """The torch dtype of ``name`` (imports torch; :meth:`dtype_name` does not)."""
+        info = self._meta(name)
+        try:
+            return info.dtype
+        except KeyError:
+            raise self._err(f"tensor '{name}' has dtype {TAG_OF.get(info.dtype_name, info.dtype_name)}, "
+                            "which the installed torch does not support") from None
+
+    def dtype_name(self, name: str) -> str:
+        """``"bfloat16"``, ``"float32"``, ... of ``name`` (from the header; no torch)."""
+        return self._meta(name).dtype_name
 
     def nbytes(self, name: str) -> int:
         return self._meta(name).nbytes
@@ -614,16 +603,16 @@ class LazyModel:
 
     def _pread(self, rel: str, name: str, info: _TensorInfo) -> torch.Tensor:
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        self._pread_into(rel, name, buf, info.begin)
-        return buf.view(info.dtype).reshape(info.shape)
+        self._pread_into(rel, name, memoryview(buf.numpy()), info.begin)
+        return buf.view(self.dtype(name)).reshape(info.shape)
 
-    def _pread_into(self, rel: str, name: str, buf: torch.Tensor, offset: int) -> None:
-        """Fill the uint8 tensor ``buf`` from byte ``offset`` of shard ``rel``."""
-        total = buf.numel()
+    def _pread_into(self, rel: str, name: str, view: memoryview, offset: int) -> None:
+        """Fill the writable byte buffer ``view`` from byte ``offset`` of shard ``rel``."""
+        total = view.nbytes
         if not total:
             return
         fd = self._fd(rel)
-        view = memoryview(buf.numpy())
+        view = view.cast("B") if view.format != "B" else view
         done = 0
         while done < total:  # Linux returns at most ~2 GiB per call
             try:
@@ -655,11 +644,29 @@ class LazyModel:
         if rel in self._st_files and _PREAD:
             itemsize = info.nbytes // numel if numel else 1
             buf = torch.empty((stop - start) * itemsize, dtype=torch.uint8)
-            self._pread_into(rel, name, buf, info.begin + start * itemsize)
-            t = buf.view(info.dtype)
+            self._pread_into(rel, name, memoryview(buf.numpy()), info.begin + start * itemsize)
+            t = buf.view(self.dtype(name))
         else:
             t = self.get(name).reshape(-1)[start:stop].clone()
         return t if dtype is None or dtype == t.dtype else t.to(dtype)
+
+    def can_read_raw(self, name: str) -> bool:
+        """Whether :meth:`read_flat_into` can read ``name`` (a safetensors tensor, POSIX pread)."""
+        return _PREAD and self._meta(name).file in self._st_files
+
+    def read_flat_into(self, name: str, start: int, out: Any) -> None:
+        """Fill the writable array ``out`` (any buffer, e.g. a numpy array of ``len(out)`` elements
+        of the tensor's item size) with elements ``start:start + len(out)`` of the flattened
+        tensor, as stored (little-endian bytes; one ``pread``, no torch)."""
+        info = self._meta(name)
+        numel = math.prod(info.shape)
+        view = memoryview(out).cast("B")
+        itemsize = info.nbytes // numel if numel else 1
+        if view.nbytes % itemsize or not 0 <= start <= start + view.nbytes // itemsize <= numel:
+            raise ValueError(f"bad range for '{name}' ({numel} elements of {itemsize} bytes)")
+        if not self.can_read_raw(name):
+            raise ValueError(f"tensor '{name}' is not in a safetensors shard")
+        self._pread_into(info.file, name, view, info.begin + start * itemsize)
 
     def _handle(self, rel: str) -> Any:
         with self._lock:

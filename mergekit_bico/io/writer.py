@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import torch
+from mergekit_bico.dtypes import TAG_OF, itemsize as _itemsize, name_of, torch
 
 from mergekit_bico.errors import ConfigError, ModelLoadError, OutputError
 
@@ -296,20 +296,9 @@ class ShardedWriter:
         return weight_map
 
 
-# dtype -> safetensors tag (what safetensors itself writes)
-_ST_TAGS: dict[torch.dtype, str] = {}
-for _tag, _attr in (
-    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
-    ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"),
-    ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"), ("U8", "uint8"), ("BOOL", "bool"),
-    ("C64", "complex64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-):
-    if isinstance(getattr(torch, _attr, None), torch.dtype):
-        _ST_TAGS[getattr(torch, _attr)] = _tag
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def _tag(dtype: object) -> str | None:
+    """The safetensors tag of a torch dtype or dtype name (None: safetensors cannot store it)."""
+    return TAG_OF.get(name_of(dtype))
 
 
 _EARLY_WRITEBACK = hasattr(os, "posix_fadvise")
@@ -335,27 +324,29 @@ class StreamingShardedWriter:
         self,
         out_dir: Path,
         max_shard_bytes: int,
-        layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+        layout: Iterable[tuple[str, torch.dtype | str, tuple[int, ...]]],
         metadata: dict[str, str] | None = None,
     ) -> None:
+        """``layout``: ``(name, dtype, shape)`` per tensor; dtype a torch dtype or its name."""
         self.out_dir, self.max_shard_bytes, self.metadata = _writer_args(out_dir, max_shard_bytes, metadata)
         self.bytes_written = 0
         self.peak_buffered_bytes = 0
         self.total_tensor_bytes = 0
         self.total_parameters = 0
         self._finished = False
-        # name -> (shard index, absolute offset, dtype, shape, nbytes)
-        self._slots: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
+        # name -> (shard index, absolute offset, dtype name, shape, nbytes)
+        self._slots: dict[str, tuple[int, int, str, tuple[int, ...], int]] = {}
         self._written: set[str] = set()
         self._parts: dict[str, int] = {}  # bytes written so far of tensors added in parts
-        groups: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
+        groups: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
         used = 0
         for name, dtype, shape in layout:
+            dtype = name_of(dtype)
             if not isinstance(name, str) or not name:
                 raise OutputError(f"invalid output tensor name {name!r}")
             if name in self._slots:
                 raise OutputError(f"output tensor '{name}' is planned twice (in '{self.out_dir}')")
-            if dtype not in _ST_TAGS:
+            if _tag(dtype) is None:
                 raise OutputError(f"output tensor '{name}' has dtype {dtype}, which safetensors cannot store")
             shape = tuple(int(d) for d in shape)
             nbytes = math.prod(shape) * _itemsize(dtype)
@@ -374,7 +365,7 @@ class StreamingShardedWriter:
             header: dict = {"__metadata__": self.metadata}
             offset = 0
             for name, dtype, shape, nbytes in entries:
-                header[name] = {"dtype": _ST_TAGS[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                header[name] = {"dtype": _tag(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
             raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
             raw += b" " * (-len(raw) % 8)
@@ -440,7 +431,7 @@ class StreamingShardedWriter:
         finally:
             os.close(fd)
 
-    def _slot(self, name: str) -> tuple[int, int, torch.dtype, tuple[int, ...], int]:
+    def _slot(self, name: str) -> tuple[int, int, str, tuple[int, ...], int]:
         """(shard, offset, dtype, shape, nbytes) of a planned tensor not written yet."""
         if self._finished:
             raise OutputError(f"cannot add tensor '{name}': the writer for '{self.out_dir}' is finished")
@@ -457,9 +448,9 @@ class StreamingShardedWriter:
             raise OutputError(f"output tensor '{name}' is a {type(tensor).__name__}, not a torch.Tensor")
         index, offset, dtype, shape, nbytes = slot
         t = tensor.detach()
-        if t.dtype != dtype or tuple(t.shape) != shape:
+        if name_of(t.dtype) != dtype or tuple(t.shape) != shape:
             raise OutputError(
-                f"output tensor '{name}' is {t.dtype}{list(t.shape)}, but {dtype}{list(shape)} was planned"
+                f"output tensor '{name}' is {name_of(t.dtype)}{list(t.shape)}, but {dtype}{list(shape)} was planned"
             )
         if t.layout != torch.strided:
             raise OutputError(f"output tensor '{name}' has unsupported layout {t.layout}")
@@ -483,26 +474,33 @@ class StreamingShardedWriter:
         The tensor counts as added once all its elements have been written (parts must not
         overlap); lets a caller merge a big tensor in slices without ever holding all of it.
         """
-        index, offset, dtype, shape, nbytes = self._slot(name)
         t = part.detach()
-        if t.dtype != dtype:
-            raise OutputError(f"part of output tensor '{name}' is {t.dtype}, but {dtype} was planned")
         if t.device.type != "cpu":
             t = t.to("cpu")
         t = t.contiguous().reshape(-1)
-        itemsize = t.element_size()
+        self.add_part_bytes(name, memoryview(t.view(torch.uint8).numpy()), start, name_of(t.dtype))
+
+    def add_part_bytes(self, name: str, data: memoryview, start: int, dtype: str) -> None:
+        """:meth:`add_part` for raw little-endian element bytes of dtype (name) ``dtype`` (any
+        C-contiguous buffer, e.g. a numpy array; bfloat16 as its uint16 bit patterns)."""
+        index, offset, planned, shape, nbytes = self._slot(name)
+        if dtype != planned:
+            raise OutputError(f"part of output tensor '{name}' is {dtype}, but {planned} was planned")
+        data = memoryview(data).cast("B")
+        itemsize = _itemsize(dtype)
+        count = data.nbytes // itemsize
         done = self._parts.get(name, 0)
-        if start < 0 or (start + t.numel()) * itemsize > nbytes:
-            raise OutputError(f"part {start}:{start + t.numel()} is outside output tensor '{name}'")
+        if start < 0 or data.nbytes % itemsize or (start + count) * itemsize > nbytes:
+            raise OutputError(f"part {start}:{start + count} is outside output tensor '{name}'")
         shard = self._shards[index]
         fd = self._open(shard)
-        if t.numel():
+        if count:
             try:
-                self._pwrite(fd, memoryview(t.view(torch.uint8).numpy()), offset + start * itemsize)
+                self._pwrite(fd, data, offset + start * itemsize)
             except OSError as e:
                 self._abort()
                 raise _write_error(self.out_dir, e) from e
-        done += t.numel() * itemsize
+        done += count * itemsize
         self._parts[name] = done
         if done == nbytes:
             del self._parts[name]

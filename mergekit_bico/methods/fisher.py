@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import torch
+from mergekit_bico.dtypes import torch
 
 from mergekit_bico.errors import TensorMismatchError
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import torch
+from mergekit_bico.dtypes import torch
 
 from mergekit_bico.methods.registry import MergeMethod, ParamSpec, check_finite, register
 

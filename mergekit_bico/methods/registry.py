@@ -40,7 +40,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-import torch
+from mergekit_bico.dtypes import torch
 
 from mergekit_bico.errors import ConfigError, TensorMismatchError
 

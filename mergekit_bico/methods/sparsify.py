@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from mergekit_bico.dtypes import torch
 
 __all__ = [
     "RESCALE_MODES",
