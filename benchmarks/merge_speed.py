@@ -261,7 +261,8 @@ def ours_cmd(args: argparse.Namespace) -> list[str]:
 def imports_torch(args: argparse.Namespace, cfg: Path, out: Path) -> Optional[bool]:
     """Whether our merge of ``cfg`` imports torch (one untimed run in a child; None with
     ``--ours-bin``, whose interpreter we do not control). linear / task_arithmetic run in numpy
-    and need not; the output folder is removed afterwards."""
+    and need not. It writes into its own ``out`` (not the timed run's output, which is compared
+    with mergekit's afterwards) and removes it."""
     if args.ours_bin:
         return None
     _rmtree(out)
@@ -570,7 +571,7 @@ def run_size(args: argparse.Namespace, size: int, workdir: Path, mk_bin: Optiona
         row = {**common, "method": method, "tool": "mergekit-bico", **ours}
         print(f"  {ours['wall_s']:.1f} s, peak RSS {ours['maxrss_mib']:.0f} MiB "
               f"(anon {ours['rss_anon_peak_mib']:.0f}, file {ours['rss_file_peak_mib']:.0f})", flush=True)
-        torch_used = imports_torch(args, cfg, ours_out)
+        torch_used = imports_torch(args, cfg, outdir / f"torchcheck-{method}")
         if torch_used is not None:
             row["imports_torch"] = torch_used
             print(f"  torch imported by this merge: {'yes' if torch_used else 'no'}", flush=True)
