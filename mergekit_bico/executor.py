@@ -163,10 +163,11 @@ def _units(order: list[Job], inputs: Inputs, writer: Any, options: RunOptions, b
     """
     streaming = isinstance(writer, StreamingShardedWriter)
     for job in order:
-        kind = _chunk_kind(job, options) if streaming and job.name not in lean else None
         if job.name in lean:
             yield from _lean_units(job, lean[job.name], inputs, writer)
-        elif kind is None:
+            continue
+        kind = _chunk_kind(job, options) if streaming else None
+        if kind is None:
             yield _whole_unit(job, inputs, writer)
         elif kind == "elementwise":
             yield from _elementwise_units(job, inputs, writer)
@@ -213,6 +214,12 @@ _LEAN_DTYPES = ("float64", "float32", "float16", "bfloat16")
 NUMPY_ELEMENTWISE = True
 
 
+def _lean_refs(job: Job) -> list[Any]:
+    """The tensors a numpy job reads, in the order of :attr:`_Lean.stored`: the base first when
+    the method uses one, then the inputs."""
+    return ([job.base] if job.base is not None and job.method.base != "none" else []) + list(job.inputs)
+
+
 def _lean_job(job: Job, inputs: Inputs) -> Optional[_Lean]:
     """Whether ``job`` runs in numpy (:mod:`~mergekit_bico.methods.elementwise_np`), bit for bit
     as in torch: ``linear`` / ``task_arithmetic`` on the CPU, all inputs floating safetensors
@@ -226,7 +233,7 @@ def _lean_job(job: Job, inputs: Inputs) -> Optional[_Lean]:
         return None
     if job.method.base == "required" and job.base is None:
         return None  # the torch path raises the method's error
-    refs = ([job.base] if job.base is not None and job.method.base != "none" else []) + list(job.inputs)
+    refs = _lean_refs(job)
     if any(r.transfer is not None for r in refs):
         return None
     models = inputs.plan.models
@@ -260,8 +267,7 @@ def _lean_units(job: Job, lean: _Lean, inputs: Inputs, writer: Any) -> Iterator[
     from mergekit_bico.methods import elementwise_np as enp
 
     params = job.method.resolve(job.model_params, job.global_params, tensor_name=job.name)
-    uses_base = job.base is not None and job.method.base != "none"
-    refs = ([job.base] if uses_base else []) + list(job.inputs)
+    refs = _lean_refs(job)
     models = inputs.plan.models
     numel = math.prod(job.shape)
 
