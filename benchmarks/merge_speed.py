@@ -28,7 +28,11 @@ What it does
      bytes), ``fsync`` per output shard -- the minimum any merge must do. Our writer fsyncs every
      shard too; mergekit does not fsync.
    * ``cp``: ``cp -r`` of one input model (reads 1, writes 1, no fsync) -- informational.
-5. Checks numerical equality of our outputs with mergekit's (same tensor names, shapes and dtypes;
+5. Repeats task arithmetic on bfloat16 copies of the three models: with ``dtype: float32,
+   out_dtype: bfloat16`` (our numpy path, against our torch path on the same config: the bytes
+   must be the same) and with ``dtype: bfloat16`` (16-bit arithmetic, which runs in torch;
+   against mergekit on the same config).
+6. Checks numerical equality of our outputs with mergekit's (same tensor names, shapes and dtypes;
    max |ours - mergekit| per tensor over all tensors, must be <= 1e-6). TIES keeps the top-k
    magnitudes of each delta; where several elements tie at the k-th magnitude, which of them are
    kept is decided by the sort (mergekit: ``torch.argsort``, whose order among equal values is
@@ -206,7 +210,8 @@ def ensure_models(workdir: Path, size: int) -> dict[str, Path]:
     return paths
 
 
-def write_config(path: Path, method: str, models: dict[str, Path], extra: Optional[dict[str, Any]] = None) -> Path:
+def write_config(path: Path, method: str, models: dict[str, Path], extra: Optional[dict[str, Any]] = None,
+                 dtype: str = "float32", out_dtype: str = "float32") -> Path:
     import yaml
 
     spec = METHODS[method]
@@ -220,10 +225,46 @@ def write_config(path: Path, method: str, models: dict[str, Path], extra: Option
     }
     if spec["parameters"] or extra:
         cfg["parameters"] = {**(spec["parameters"] or {}), **(extra or {})}
-    cfg["dtype"] = "float32"
-    cfg["out_dtype"] = "float32"
+    cfg["dtype"] = dtype
+    cfg["out_dtype"] = out_dtype
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def ensure_bf16_models(workdir: Path, size: int, models: dict[str, Path]) -> dict[str, Path]:
+    """bfloat16 copies of one size's base/ft1/ft2 (same shards, each tensor rounded to bfloat16)."""
+    root = workdir / "models" / f"x{size}-bf16"
+    paths = {n: root / n for n in models}
+    marker = root / "spec.json"
+    spec = {**_spec(size), "dtype": "bfloat16"}
+    if marker.is_file() and json.loads(marker.read_text()) == spec and all(
+        (p / "model.safetensors.index.json").is_file() for p in paths.values()
+    ):
+        return paths
+    shutil.rmtree(root, ignore_errors=True)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    print(f"[gen] x{size}: bfloat16 copies -> {root}", flush=True)
+    for name, src in models.items():
+        dst = paths[name]
+        dst.mkdir(parents=True)
+        for f in weight_files(src):
+            save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(dst / f.name),
+                      metadata={"format": "pt"})
+        config = json.loads((src / "config.json").read_text())
+        config["torch_dtype"] = "bfloat16"
+        (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        index = json.loads((src / "model.safetensors.index.json").read_text())
+        index["metadata"]["total_size"] //= 2
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    marker.write_text(json.dumps(spec))
+    return paths
+
+
+# the torch path of the same CLI: the numpy kernels of linear / task_arithmetic switched off
+TORCH_PATH_CODE = ("import mergekit_bico.executor as E; E.NUMPY_ELEMENTWISE = False; "
+                   "from mergekit_bico.cli import yaml_main; yaml_main()")
 
 
 # ------------------------------------------------------------------------------------ mergekit
@@ -625,7 +666,59 @@ def run_size(args: argparse.Namespace, size: int, workdir: Path, mk_bin: Optiona
                          "vs_floor": round(var["wall_s"] / floor["wall_s"], 3)})
             print(f"  {var['wall_s']:.1f} s, peak RSS {var['maxrss_mib']:.0f} MiB", flush=True)
             _rmtree(ours_out)
+    rows.extend(run_bf16(args, size, workdir, models, common, measure, mk_bin if with_mk else None))
     _rmtree(outdir)
+    return rows
+
+
+BF16_METHOD = "task_arithmetic (bf16 inputs)"
+
+
+def run_bf16(args: argparse.Namespace, size: int, workdir: Path, models: dict[str, Path], common: dict[str, Any],
+             measure: Any, mk_bin: Optional[str]) -> list[dict[str, Any]]:
+    """Task arithmetic of bfloat16 copies of the models: computed in float32 (``dtype: float32,
+    out_dtype: bfloat16``: our numpy path, against our torch path on the same config, whose
+    output must be the same bytes) and in bfloat16 (``dtype: bfloat16``: 16-bit arithmetic, which
+    runs in torch; against mergekit on the same config). No ratio to the float32 I/O floor: these
+    models have half its bytes."""
+    if args.ours_bin:
+        return []
+    b16 = ensure_bf16_models(workdir, size, models)
+    outdir = workdir / "out"
+    rows: list[dict[str, Any]] = []
+    cfg32 = write_config(workdir / f"x{size}-bf16-f32.yml", "task_arithmetic", b16, dtype="float32", out_dtype="bfloat16")
+    cfg16 = write_config(workdir / f"x{size}-bf16-bf16.yml", "task_arithmetic", b16, dtype="bfloat16", out_dtype="bfloat16")
+    ours32, torch32 = outdir / "bf16-ours", outdir / "bf16-torch"
+    variants = (
+        ("mergekit-bico, dtype float32 (numpy path)", cfg32, ours32, ours_cmd(args)),
+        ("mergekit-bico, dtype float32, torch path", cfg32, torch32, [sys.executable, "-c", TORCH_PATH_CODE]),
+        ("mergekit-bico, dtype bfloat16 (torch: 16-bit arithmetic)", cfg16, outdir / "bf16-16", ours_cmd(args)),
+    )
+    for label, cfg, out, cmd in variants:
+        print(f"[x{size}] {BF16_METHOD}: {label}", flush=True)
+        rec = measure(f"bf16-{len(rows)}", lambda o, cmd=cmd, cfg=cfg: cmd + [str(cfg), str(o), "--quiet", *args.ours_args], out)
+        rows.append({**common, "method": BF16_METHOD, "tool": label, **rec})
+        print(f"  {rec['wall_s']:.1f} s, peak RSS {rec['maxrss_mib']:.0f} MiB", flush=True)
+    if rows[0]["rc"] == 0 and rows[1]["rc"] == 0:
+        eq = compare_outputs(ours32, torch32, method="task_arithmetic", models=b16)
+        rows[0]["equality_torch_path"] = eq
+        rows[0]["vs_torch_path"] = round(rows[0]["wall_s"] / rows[1]["wall_s"], 3)
+        print(f"  numpy vs torch path: max abs diff {eq['max_abs_diff']:.3g} over {eq['tensors']} tensors", flush=True)
+    if mk_bin is not None and rows[2]["rc"] == 0:
+        label = "mergekit 0.1.5, dtype bfloat16"
+        print(f"[x{size}] {BF16_METHOD}: {label}", flush=True)
+        mk_out = outdir / "bf16-mk"
+        mk = measure("bf16-mk", lambda o: [mk_bin, str(cfg16), str(o), *args.mergekit_args], mk_out,
+                     repeat=args.mergekit_repeat)
+        rows.append({**common, "method": BF16_METHOD, "tool": label, **mk})
+        if mk["rc"] == 0:
+            eq = compare_outputs(outdir / "bf16-16", mk_out, method="task_arithmetic", models=b16)
+            rows[2]["equality"] = eq
+            rows[2]["vs_mergekit"] = round(rows[2]["wall_s"] / mk["wall_s"], 3)
+            print(f"  {mk['wall_s']:.1f} s; max |ours - mergekit| = {eq['max_abs_diff']:.3g}", flush=True)
+        _rmtree(mk_out)
+    for _, _, out, _ in variants:
+        _rmtree(out)
     return rows
 
 
@@ -665,6 +758,16 @@ def evaluate(rows: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any
                                  f"({eq['elements_over_tol_tie_break']} of {eq['elements']} elements differ there)",
                         "value": eq["max_abs_diff_excluding_tie_break"], "target": f"<= {TOLERANCE:g}",
                         "ok": eq["equal_except_tie_break"]})
+        r = get(size, BF16_METHOD, "mergekit-bico, dtype float32 (numpy path)")
+        if r and "equality_torch_path" in r:
+            eq = r["equality_torch_path"]
+            checks.append({"check": f"{size}x {BF16_METHOD}, dtype float32: numpy path max abs diff vs our torch path",
+                           "value": eq["max_abs_diff"], "target": "== 0",
+                           "ok": eq["equal"] and eq["max_abs_diff"] == 0})
+        r = get(size, BF16_METHOD, "mergekit-bico, dtype bfloat16 (torch: 16-bit arithmetic)")
+        if r and "equality" in r:
+            checks.append({"check": f"{size}x {BF16_METHOD}, dtype bfloat16: max abs diff vs mergekit",
+                           "value": r["equality"]["max_abs_diff"], "target": f"<= {TOLERANCE:g}", "ok": r["equality"]["equal"]})
     if len(sizes) > 1 and 1 in sizes:
         big = max(sizes)
         for method in METHODS:
@@ -810,6 +913,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 notes.append(f"{r['size']} task_arithmetic: without the interpreter + torch start-up "
                              f"({su['wall_s']:.2f} s) ours takes {r['wall_s'] - su['wall_s']:.2f} s = "
                              f"{(r['wall_s'] - su['wall_s']) / fl['wall_s']:.2f}x the floor.")
+    for r in rows:
+        if r["method"] == BF16_METHOD and "vs_torch_path" in r:
+            t = next(x for x in rows if x["size"] == r["size"] and x["method"] == BF16_METHOD and "torch path" in x["tool"])
+            notes.append(f"{r['size']} {BF16_METHOD}, dtype float32: the numpy path took {r['wall_s']:.2f} s, our torch "
+                         f"path {t['wall_s']:.2f} s on the same config ({r['vs_torch_path']:.2f}x), with the same bytes.")
     report = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "benchmarks.merge_speed", *(sys.argv[1:] if argv is None else argv)]),
         "started": started,

@@ -53,9 +53,9 @@ def _tune_malloc() -> None:
 
 
 def _runs_torch(config_file: str, device: str, cuda: bool) -> bool:
-    """Whether this merge will run torch (linear / task_arithmetic on the CPU run in numpy and
-    never import it), from the YAML's ``merge_method`` alone; a config that does not parse
-    counts as not (loading it reports the error).
+    """Whether this merge will run torch (linear / task_arithmetic in float32 / float64 on the
+    CPU run in numpy and never import it), from the YAML's ``merge_method`` and ``dtype`` alone;
+    a config that does not parse counts as not (loading it reports the error).
 
     A merge that runs torch imports it before the rest of the package: imported after the
     executor's modules instead, the 1x TIES benchmark's peak RSS rose from 0.46-0.48 GB to
@@ -71,7 +71,10 @@ def _runs_torch(config_file: str, device: str, cuda: bool) -> bool:
             doc = yaml.safe_load(f)
     except Exception:  # noqa: BLE001 - load_config reports it properly
         return False
-    return isinstance(doc, dict) and doc.get("merge_method") not in NUMPY_METHODS
+    if not isinstance(doc, dict):
+        return False
+    # 16-bit arithmetic runs in torch too (bfloat16 inputs without a dtype are found later)
+    return doc.get("merge_method") not in NUMPY_METHODS or doc.get("dtype") in ("bfloat16", "float16")
 
 
 def _fail(message: str, code: int) -> None:

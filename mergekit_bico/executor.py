@@ -223,8 +223,11 @@ def _lean_refs(job: Job) -> list[Any]:
 def _lean_job(job: Job, inputs: Inputs) -> Optional[_Lean]:
     """Whether ``job`` runs in numpy (:mod:`~mergekit_bico.methods.elementwise_np`), bit for bit
     as in torch: ``linear`` / ``task_arithmetic`` on the CPU, all inputs floating safetensors
-    tensors of one shape, no transfer, no DARE seed; a float64 computation
-    only with a float32/float64 output (torch's float64 -> 16-bit rounding is not reproduced)."""
+    tensors of one shape, no transfer, no DARE seed, computed in float32 or float64; a float64
+    computation only with a float32/float64 output (torch's float64 -> 16-bit rounding is not
+    reproduced)."""
+    from mergekit_bico.methods import elementwise_np as enp
+
     if not NUMPY_ELEMENTWISE or inputs.options.device != "cpu" or job.method.name not in NUMPY_METHODS:
         return None
     if job.seed is not None:
@@ -250,10 +253,10 @@ def _lean_job(job: Job, inputs: Inputs) -> Optional[_Lean]:
         compute = stored[0]
         for d in stored[1:]:
             compute = promote(compute, d)
+    if compute not in enp.COMPUTE:
+        return None     # 16-bit arithmetic: torch's fused kernels are faster (see elementwise_np)
     out = job.out_dtype_name or compute
     if compute == "float64" and out not in ("float64", "float32"):
-        return None
-    if compute in ("float16", "bfloat16") and "float64" in stored:
         return None
     return _Lean(compute, tuple(stored), out)
 

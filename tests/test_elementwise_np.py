@@ -1,8 +1,9 @@
 """The numpy path of ``linear`` / ``task_arithmetic`` (mergekit_bico/methods/elementwise_np.py).
 
-Its outputs must be the torch methods' bit for bit (kernels over every dtype, 1-8 inputs,
-``normalize`` and ``lambda``; conversions; whole merges through the CLI), and a merge that needs
-nothing else must not import torch (checked in a child process).
+Its outputs must be the torch methods' bit for bit (kernels over every stored dtype, both
+computation dtypes, 1-9 inputs, ``normalize`` and ``lambda``; conversions; whole merges through
+the CLI), and a merge that needs nothing else must not import torch (checked in a child process).
+16-bit computations are left to torch (checked too).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mergekit_bico.methods import get_method
 from tests.test_cli_merge import run_yaml, weights
 
 DTYPES = ["float32", "float64", "bfloat16", "float16"]
+COMPUTE = ["float32", "float64"]
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,39 +65,42 @@ def _inputs(n: int, dtype: str, numel: int = 12_001, seed: int = 0):
     return base.to(td), [t.to(td) for t in fts]
 
 
-def _to_work(t: torch.Tensor, dtype: str) -> np.ndarray:
-    stored = bits_torch(t).view(enp.STORAGE[dtype])
-    return enp.to_work(stored, dtype, dtype)
+def _to_work(t: torch.Tensor, compute: str) -> np.ndarray:
+    stored = _name(t.dtype)
+    return enp.to_work(bits_torch(t).view(enp.STORAGE[stored]), stored, compute)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stored", DTYPES)
+@pytest.mark.parametrize("compute", COMPUTE)
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 9])
-def test_task_arithmetic_kernel_is_the_torch_method_bit_for_bit(dtype, n):
-    base, fts = _inputs(n, dtype, seed=n)
+def test_task_arithmetic_kernel_is_the_torch_method_bit_for_bit(stored, compute, n):
+    base, fts = _inputs(n, stored, seed=n)
     rng = np.random.default_rng(n)
+    td = getattr(torch, compute)
     for normalize in (False, True):
         for lam in (1.0, 0.7):
             w = [float(x) for x in rng.uniform(-1.0, 1.5, n)]
-            with np.errstate(all="ignore"):
-                ref = get_method("task_arithmetic").merge(
-                    fts, base, [{"weight": x} for x in w], {"normalize": normalize, "lambda": lam}, tensor_name="x")
-                got = enp.task_arithmetic([_to_work(t, dtype) for t in fts], _to_work(base, dtype), w,
-                                          dtype=dtype, normalize=normalize, lambda_=lam)
-            assert_same_bits(ref, enp.from_work(got, dtype))
+            ref = get_method("task_arithmetic").merge(
+                [t.to(td) for t in fts], base.to(td), [{"weight": x} for x in w],
+                {"normalize": normalize, "lambda": lam}, tensor_name="x")
+            got = enp.task_arithmetic([_to_work(t, compute) for t in fts], _to_work(base, compute), w,
+                                      dtype=compute, normalize=normalize, lambda_=lam)
+            assert_same_bits(ref, enp.from_work(got, compute))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stored", DTYPES)
+@pytest.mark.parametrize("compute", COMPUTE)
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 9])
-def test_linear_kernel_is_the_torch_method_bit_for_bit(dtype, n):
-    _, fts = _inputs(n, dtype, seed=100 + n)
+def test_linear_kernel_is_the_torch_method_bit_for_bit(stored, compute, n):
+    _, fts = _inputs(n, stored, seed=100 + n)
     rng = np.random.default_rng(100 + n)
+    td = getattr(torch, compute)
     for normalize in (False, True):
         w = [float(x) for x in rng.uniform(0.1, 1.5, n)]
-        with np.errstate(all="ignore"):
-            ref = get_method("linear").merge(fts, None, [{"weight": x} for x in w], {"normalize": normalize},
-                                             tensor_name="x")
-            got = enp.linear([_to_work(t, dtype) for t in fts], w, dtype=dtype, normalize=normalize)
-        assert_same_bits(ref, enp.from_work(got, dtype))
+        ref = get_method("linear").merge([t.to(td) for t in fts], None, [{"weight": x} for x in w],
+                                         {"normalize": normalize}, tensor_name="x")
+        got = enp.linear([_to_work(t, compute) for t in fts], w, dtype=compute, normalize=normalize)
+        assert_same_bits(ref, enp.from_work(got, compute))
 
 
 _SPECIAL = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-9, -(1 + 2**-8), 65504.0, 65520.0, 65519.0, 3.4e38,
@@ -103,10 +108,8 @@ _SPECIAL = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-9, -(1 + 2**-8), 65504.0,
 
 
 @pytest.mark.parametrize("stored", DTYPES)
-@pytest.mark.parametrize("compute", DTYPES)
+@pytest.mark.parametrize("compute", COMPUTE)
 def test_conversions_round_as_torch_does(stored, compute):
-    if compute in ("float16", "bfloat16") and stored == "float64":
-        pytest.skip("not taken by the numpy path")
     values = np.concatenate([_SPECIAL, np.random.default_rng(1).standard_normal(5000) * 1e3])
     src = torch.from_numpy(values).to(getattr(torch, stored))
     stored_np = bits_torch(src).view(enp.STORAGE[stored])
@@ -136,6 +139,12 @@ def test_bfloat16_rounding_hand_values():
     got = enp.from_work(x, "bfloat16")
     assert [int(v) for v in got] == list(cases.values())
     assert np.isnan(enp.to_work(enp.from_work(np.array([np.nan], np.float32), "bfloat16"), "bfloat16", "float32")).all()
+    # a float32 merge of bfloat16 inputs, written as bfloat16: base 1.0 (0x3F80), fine-tune
+    # 1 + 2^-7 (0x3F81), weight 0.5 -> 1 + 2^-8 in float32: a tie, written as the even 1.0
+    b16 = enp.to_work(np.array([0x3F80], np.uint16), "bfloat16", "float32")
+    t16 = enp.to_work(np.array([0x3F81], np.uint16), "bfloat16", "float32")
+    got = enp.task_arithmetic([t16], b16, [0.5], dtype="float32")
+    assert got.tolist() == [1 + 2**-8] and enp.from_work(got, "bfloat16").tolist() == [0x3F80]
 
 
 def test_task_arithmetic_and_linear_hand_values():
@@ -149,10 +158,6 @@ def test_task_arithmetic_and_linear_hand_values():
     assert got.tolist() == [np.float32(1.0) + np.float32(np.float32(-0.5) / np.float32(1.5)), 2.0]
     # linear: (1 * [2, 4] + 3 * [0, 1]) / 4 = [0.5, 1.75]
     assert enp.linear(fts, [1.0, 3.0], dtype="float32").tolist() == [0.5, 1.75]
-    # bfloat16: 1 + 2^-8 is not a bfloat16 value; base + 0 rounds it to 1.0
-    b16 = enp.to_work(np.array([0x3F80], np.uint16), "bfloat16", "bfloat16")
-    t16 = np.array([1 + 2**-8], np.float32)
-    assert enp.task_arithmetic([enp.round_to(t16, "bfloat16")], b16, [1.0], dtype="bfloat16").tolist() == [1.0]
 
 
 def test_has_nonfinite():
@@ -215,14 +220,15 @@ def _configs(f, b16):
             "merge_method": "linear",
             "models": [{"model": str(f["ft1"]), "parameters": {"weight": 1.0}}, {"model": str(f["ft2"]), "parameters": {"weight": 3.0}}],
             "dtype": "float32", "out_dtype": "bfloat16"},
-        "ta-dtype-bf16-gradient-filter": {
+        "ta-gradient-filter-float64": {
             "merge_method": "task_arithmetic", "base_model": str(f["base"]),
             "models": [{"model": str(f["ft1"]), "parameters": {"weight": [0.2, 0.8]}},
                        {"model": str(f["ft2"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": -0.3}]}}],
-            "dtype": "bfloat16"},
-        "ta-bf16-inputs-no-dtype": {
+            "dtype": "float64", "out_dtype": "float32"},
+        "ta-bf16-inputs-float32-to-bf16": {
             "merge_method": "task_arithmetic", "base_model": str(b16["base"]),
-            "models": [{"model": str(b16["ft1"]), "parameters": {"weight": 0.6}}, {"model": str(b16["ft2"]), "parameters": {"weight": 0.4}}]},
+            "models": [{"model": str(b16["ft1"]), "parameters": {"weight": 0.6}}, {"model": str(b16["ft2"]), "parameters": {"weight": 0.4}}],
+            "dtype": "float32", "out_dtype": "bfloat16"},
         "linear-mixed-fp16-out": {
             "merge_method": "linear",
             "models": [{"model": str(b16["ft1"]), "parameters": {"weight": 0.25}}, {"model": str(f["ft2"]), "parameters": {"weight": 0.75}}],
@@ -240,8 +246,8 @@ def llama3(llama_family, tmp_path_factory):
     return f
 
 
-@pytest.mark.parametrize("name", ["ta-3-normalize-lambda", "linear-to-bf16", "ta-dtype-bf16-gradient-filter",
-                                  "ta-bf16-inputs-no-dtype", "linear-mixed-fp16-out"])
+@pytest.mark.parametrize("name", ["ta-3-normalize-lambda", "linear-to-bf16", "ta-gradient-filter-float64",
+                                  "ta-bf16-inputs-float32-to-bf16", "linear-mixed-fp16-out"])
 def test_cli_merge_without_torch_equals_the_torch_path(name, llama3, bf16_family, tmp_path, monkeypatch):
     config = _configs(llama3, bf16_family)[name]
     cfg = tmp_path / "c.yml"
@@ -294,7 +300,7 @@ def test_nine_inputs_without_torch(llama_family, tmp_path):
         assert torch.allclose(got[k], expected, atol=1e-6, rtol=0), k
 
 
-def test_float64_to_half_is_not_taken(llama_family, tmp_path):
+def test_half_arithmetic_and_float64_to_half_are_not_taken(llama_family, bf16_family, tmp_path):
     from mergekit_bico.config import MergeConfig
     from mergekit_bico.executor import Inputs, RunOptions, _lean_job
     from mergekit_bico.plan import build_plan
@@ -302,8 +308,14 @@ def test_float64_to_half_is_not_taken(llama_family, tmp_path):
     f = llama_family
     config = {"merge_method": "task_arithmetic", "base_model": str(f["base"]),
               "models": [{"model": str(f["ft1"]), "parameters": {"weight": 0.5}}]}
-    for dtype, out_dtype, lean in (("float64", "bfloat16", False), ("float64", "float32", True), ("float32", "bfloat16", True)):
-        plan = build_plan(MergeConfig.model_validate({**config, "dtype": dtype, "out_dtype": out_dtype}))
+    b16 = {"merge_method": "task_arithmetic", "base_model": str(bf16_family["base"]),
+           "models": [{"model": str(bf16_family["ft1"]), "parameters": {"weight": 0.5}}]}
+    for cfg, dtype, out_dtype, lean in ((config, "float64", "bfloat16", False), (config, "float64", "float32", True),
+                                        (config, "float32", "bfloat16", True), (config, "bfloat16", None, False),
+                                        (config, "float16", "float32", False), (b16, None, None, False),
+                                        (b16, "float32", None, True)):
+        extra = {k: v for k, v in (("dtype", dtype), ("out_dtype", out_dtype)) if v}
+        plan = build_plan(MergeConfig.model_validate({**cfg, **extra}))
         inputs = Inputs(plan, RunOptions(progress=False), dtype)
         assert all((_lean_job(job, inputs) is not None) == lean for job in plan.jobs), (dtype, out_dtype)
 
@@ -332,3 +344,21 @@ def test_nan_in_an_input_is_refused_by_the_numpy_path(llama_family, tmp_path):
     proc, _ = _child_merge(cfg, tmp_path / "out", "--nan-policy", "warn")
     assert proc.returncode == 0, proc.stderr
     assert "NaN or Inf" in proc.stderr
+
+
+def test_cli_imports_torch_first_only_when_torch_will_run(tmp_path):
+    from mergekit_bico.cli import _runs_torch
+
+    def runs(doc, device="cpu", cuda=False, text=None):
+        cfg = tmp_path / "c.yml"
+        cfg.write_text(text if text is not None else yaml.safe_dump(doc))
+        return _runs_torch(str(cfg), device, cuda)
+
+    assert not runs({"merge_method": "task_arithmetic", "dtype": "float32"})
+    assert not runs({"merge_method": "linear"})
+    assert runs({"merge_method": "ties", "dtype": "float32"})
+    assert runs({"merge_method": "task_arithmetic", "dtype": "bfloat16"})
+    assert runs({"merge_method": "linear", "dtype": "float16"})
+    assert runs({"merge_method": "linear"}, device="cuda")
+    assert runs({"merge_method": "linear"}, cuda=True)
+    assert not runs(None, text="merge_method: [unclosed")   # the config loader reports it

@@ -3,17 +3,19 @@
 These two methods are elementwise: every output element depends only on the same element of the
 inputs, through a fixed sequence of IEEE additions, subtractions, multiplications and divisions,
 which numpy and torch both round correctly. Run in numpy, a merge that needs nothing else from
-torch never imports it (about 2 s on a 2-core machine, more than the rest of a 150M-parameter
+torch never imports it (1.4 to 2.4 s on a 2-core machine, more than the rest of a 150M-parameter
 merge); the executor picks this path per output tensor (see ``executor._lean_job``) and writes
 the same bytes the torch path writes (tests/test_elementwise_np.py compares them bit for bit).
 
-Representation: a tensor of computation dtype ``float64`` is a float64 array; of ``float32``,
-``bfloat16`` or ``float16`` a float32 array holding values of that dtype. For the two 16-bit
-dtypes every operation is computed in float32 and rounded to the dtype (round to nearest even),
-which is what torch's CPU kernels do; a sum over inputs accumulates in float32 and rounds once,
-as torch's ``sum`` does. Sums over inputs and sums of weights run in input order, here and in the
-torch versions (:func:`~mergekit_bico.methods.task_arithmetic.sum_in_order`, ``weight_sum``):
-torch's own ``sum`` changes its order with the size and the CPU's vector width.
+The computation is float32 or float64 (the config's ``dtype``, else the inputs' promotion); inputs
+of any of the four floating dtypes are converted to it exactly as torch's ``.to()`` converts them,
+and the result is rounded to the output dtype to nearest even. 16-bit *arithmetic* stays in
+torch: emulating it here means rounding after every operation, and the first version of this
+module (commit a35e016), which did, merged the 608M-parameter benchmark models in bfloat16 in
+6.8-7.4 s against torch's 3.7-4.8 s (README, "Merge methods"). Sums over inputs and
+sums of weights run in input order, here and in the torch versions
+(:func:`~mergekit_bico.methods.task_arithmetic.sum_in_order`, ``weight_sum``): torch's own ``sum``
+changes its order with the size and the CPU's vector width.
 
 NaN results are NaN in both paths; their bit patterns (sign, payload) may differ.
 """
@@ -24,19 +26,13 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = [
-    "STORAGE", "work_dtype", "to_work", "from_work", "round_to",
-    "task_arithmetic", "linear", "has_nonfinite",
-]
+__all__ = ["STORAGE", "COMPUTE", "to_work", "from_work", "task_arithmetic", "linear", "has_nonfinite"]
 
 #: numpy dtype of the stored elements (bfloat16 as its uint16 bit patterns)
 STORAGE = {"float64": np.dtype("<f8"), "float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
            "bfloat16": np.dtype("<u2")}
-
-
-def work_dtype(dtype: str) -> np.dtype:
-    """The array dtype that carries values of computation dtype ``dtype``."""
-    return np.dtype(np.float64) if dtype == "float64" else np.dtype(np.float32)
+#: the computation dtypes of this path
+COMPUTE = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 
 
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -53,88 +49,78 @@ def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return bits
 
 
-def round_to(x: np.ndarray, dtype: str) -> np.ndarray:
-    """``x`` (a work array) rounded to the values of ``dtype``, in place where possible."""
-    if dtype == "bfloat16":
-        return _bf16_to_f32(_f32_to_bf16(x))
-    if dtype == "float16":
-        with np.errstate(over="ignore"):
-            return x.astype(np.float16).astype(np.float32)
-    return x
-
-
 def to_work(stored: np.ndarray, stored_dtype: str, dtype: str) -> np.ndarray:
-    """Stored elements of ``stored_dtype`` -> a work array of computation dtype ``dtype``, as
-    torch's ``.to(dtype)`` converts them (exact, or rounded to nearest even)."""
+    """Stored elements of ``stored_dtype`` -> an array of computation dtype ``dtype`` (float32 or
+    float64), as torch's ``.to(dtype)`` converts them (exact, or float64 -> float32 rounded to
+    nearest even)."""
     if stored_dtype == "bfloat16":
         x = _bf16_to_f32(stored)
     elif stored_dtype == "float16":
         x = stored.astype(np.float32)
     else:
         x = stored
-    with np.errstate(over="ignore"):
-        x = x.astype(work_dtype(dtype), copy=False)
-    return round_to(x, dtype) if stored_dtype != dtype else x
+    return x.astype(COMPUTE[dtype], copy=False)
 
 
 def from_work(x: np.ndarray, out_dtype: str) -> np.ndarray:
-    """A work array -> stored elements of ``out_dtype`` (round to nearest even)."""
+    """A float32 / float64 array -> stored elements of ``out_dtype`` (round to nearest even)."""
     if out_dtype == "bfloat16":
         return _f32_to_bf16(x.astype(np.float32, copy=False))
     with np.errstate(over="ignore"):
         return x.astype(STORAGE[out_dtype], copy=False)
 
 
-def _weight_sum(weights: np.ndarray, dtype: str) -> np.floating:
-    total = np.zeros((), work_dtype(dtype))
+def _weight_sum(weights: np.ndarray) -> np.floating:
+    total = weights.dtype.type(0)
     for w in weights:
         total = total + w
-    return round_to(np.asarray(total).reshape(1), dtype)[0]
+    return total
 
 
 def task_arithmetic(
     tensors: Sequence[np.ndarray], base: np.ndarray, weight: Sequence[float], *, dtype: str,
     normalize: bool = False, lambda_: float = 1.0,
 ) -> np.ndarray:
-    """``base + lambda * sum_i w_i (t_i - base) [/ sum_i w_i]``, every step rounded to ``dtype``
-    as :func:`~mergekit_bico.methods.task_arithmetic.generalized_task_arithmetic` (no
-    sparsification, no consensus) rounds it. Work arrays in, a work array out."""
+    """``base + lambda * sum_i w_i (t_i - base) [/ sum_i w_i]`` in ``dtype`` (float32 / float64),
+    the operations of :func:`~mergekit_bico.methods.task_arithmetic.generalized_task_arithmetic`
+    (no sparsification, no consensus) in its order. Arrays of ``dtype`` in, one out."""
     if not tensors:
         return base
-    work = work_dtype(dtype)
-    weights = round_to(np.array(list(weight), dtype=work), dtype)
+    work = COMPUTE[dtype]
+    weights = np.array(list(weight), dtype=work)
     acc = None
-    for tensor, w in zip(tensors, weights, strict=True):
-        delta = round_to(tensor - base, dtype)
-        delta = round_to(np.multiply(delta, w, out=delta), dtype)
-        if acc is None:
-            acc = delta
-        else:
-            acc += delta
-    mixed = round_to(acc, dtype)
-    if normalize:
-        divisor = _weight_sum(weights, dtype)
-        if abs(divisor) < 1e-8:
-            divisor = work.type(1)
-        mixed = round_to(np.divide(mixed, divisor, out=mixed), dtype)
-    if lambda_ != 1:
-        mixed = round_to(np.multiply(mixed, work.type(lambda_), out=mixed), dtype)
-    return round_to(np.add(mixed, base, out=mixed), dtype)
+    with np.errstate(all="ignore"):     # overflow gives inf as in torch; --nan-policy judges it
+        for tensor, w in zip(tensors, weights, strict=True):
+            delta = np.subtract(tensor, base)
+            delta *= w
+            if acc is None:
+                acc = delta
+            else:
+                acc += delta
+        if normalize:
+            divisor = _weight_sum(weights)
+            if abs(divisor) < 1e-8:
+                divisor = work.type(1)
+            acc /= divisor
+        if lambda_ != 1:
+            acc *= work.type(lambda_)
+        acc += base
+    return acc
 
 
 def linear(tensors: Sequence[np.ndarray], weight: Sequence[float], *, dtype: str, normalize: bool = True) -> np.ndarray:
-    """``sum_i w_i t_i [/ sum_i w_i]`` accumulated in float32 (float64 for float64) and rounded
-    to ``dtype`` once, as :func:`~mergekit_bico.methods.linear.linear_merge`. The caller checks
-    that the weights do not sum to 0 with ``normalize`` (the planner does)."""
-    acc_dtype = "float64" if dtype == "float64" else "float32"
-    work = work_dtype(acc_dtype)
+    """``sum_i w_i t_i [/ sum_i w_i]`` in ``dtype`` (float32 / float64), as
+    :func:`~mergekit_bico.methods.linear.linear_merge`. The caller checks that the weights do not
+    sum to 0 with ``normalize`` (the planner does)."""
+    work = COMPUTE[dtype]
     weights = np.array(list(weight), dtype=work)
     result = np.zeros(tensors[0].shape, dtype=work)
-    for tensor, w in zip(tensors, weights, strict=True):
-        result += tensor.astype(work, copy=False) * w
-    if normalize:
-        result /= _weight_sum(weights, acc_dtype)
-    return round_to(result, dtype)
+    with np.errstate(all="ignore"):     # as in task_arithmetic
+        for tensor, w in zip(tensors, weights, strict=True):
+            result += tensor * w
+        if normalize:
+            result /= _weight_sum(weights)
+    return result
 
 
 def has_nonfinite(x: np.ndarray) -> bool:
