@@ -197,7 +197,8 @@ def merge_step(work: Path, spec: dict[str, int], *, verify: bool) -> dict[str, A
     out = work / "merged"
     py = sys.executable
     try:
-        dry = measured([py, "-c", CLI, str(config), str(out), "--dry-run", "--quiet"], "dry run")
+        # the baseline imports torch itself: the merge does (TIES runs in torch), --dry-run no longer does
+        dry = measured([py, "-c", "import torch; " + CLI, str(config), str(out), "--dry-run", "--quiet"], "dry run")
         merge = measured([py, "-c", CLI, str(config), str(out), "--quiet", "--out-shard-size", "1G"], "merge")
         checked = check_output(out, models, base, ["model.embed_tokens.weight", "model.layers.3.mlp.up_proj.weight",
                                                    "model.layers.0.input_layernorm.weight"], density) if verify else None
