@@ -70,6 +70,8 @@ AUTO_ARGS ?= --settings real version --tasks wordnet --seeds 0 1 2 --other-seeds
 bench: $(STAMP_BENCH) wordnet
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
 	$(PY) -m benchmarks.merge_speed
+	# every method against mergekit 0.1.5's own functions, in the venv merge_speed installed it into
+	PYTHONPATH=$(CURDIR) $${TMPDIR:-/tmp}/mergekit-bico-bench/mkvenv/bin/python benchmarks/parity_methods.py
 	$(PY) -m benchmarks.fisher_cost
 	$(PY) -m benchmarks.bico_cost
 	$(PY) -m benchmarks.load

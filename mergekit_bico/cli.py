@@ -53,7 +53,7 @@ def _tune_malloc() -> None:
 
 
 def _runs_torch(config_file: str, device: str, cuda: bool) -> bool:
-    """Whether this merge will run torch (linear / task_arithmetic in float32 / float64 on the
+    """Whether this merge will run torch (task_arithmetic of up to four models in float32 / float64 on the
     CPU run in numpy and never import it), from the YAML's ``merge_method`` and ``dtype`` alone;
     a config that does not parse counts as not (loading it reports the error).
 

@@ -14,7 +14,7 @@ from typing import Any
 __all__ = ["NUMPY_METHODS", "TAGS", "TAG_OF", "FLOATING", "itemsize", "torch_dtype", "name_of", "promote", "torch"]
 
 #: merge methods whose jobs may run in numpy, without torch (``executor._lean_job`` decides per job)
-NUMPY_METHODS = frozenset({"linear", "task_arithmetic"})
+NUMPY_METHODS = frozenset({"task_arithmetic"})
 
 #: safetensors dtype tag -> (dtype name, as torch spells it; bytes per element)
 TAGS: dict[str, tuple[str, int]] = {

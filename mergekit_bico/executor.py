@@ -215,26 +215,25 @@ NUMPY_ELEMENTWISE = True
 
 
 def _lean_refs(job: Job) -> list[Any]:
-    """The tensors a numpy job reads, in the order of :attr:`_Lean.stored`: the base first when
-    the method uses one, then the inputs."""
-    return ([job.base] if job.base is not None and job.method.base != "none" else []) + list(job.inputs)
+    """The tensors a numpy job reads, in the order of :attr:`_Lean.stored`: the base, then the inputs."""
+    return [job.base, *job.inputs]
 
 
 def _lean_job(job: Job, inputs: Inputs) -> Optional[_Lean]:
     """Whether ``job`` runs in numpy (:mod:`~mergekit_bico.methods.elementwise_np`), bit for bit
-    as in torch: ``linear`` / ``task_arithmetic`` on the CPU, all inputs floating safetensors
-    tensors of one shape, no transfer, no DARE seed, computed in float32 or float64; a float64
-    computation only with a float32/float64 output (torch's float64 -> 16-bit rounding is not
-    reproduced)."""
+    as in torch: ``task_arithmetic`` on the CPU with a base and at most ``MAX_INPUTS`` inputs, all
+    floating safetensors tensors of one shape, no transfer, no DARE seed, computed in float32 or
+    float64; a float64 computation only with a float32/float64 output (torch's float64 -> 16-bit
+    rounding is not reproduced)."""
     from mergekit_bico.methods import elementwise_np as enp
 
     if not NUMPY_ELEMENTWISE or inputs.options.device != "cpu" or job.method.name not in NUMPY_METHODS:
         return None
     if job.seed is not None:
         return None
-    if not job.inputs:
+    if not job.inputs or len(job.inputs) > enp.MAX_INPUTS:
         return None
-    if job.method.base == "required" and job.base is None:
+    if job.base is None:
         return None  # the torch path raises the method's error
     refs = _lean_refs(job)
     if any(r.transfer is not None for r in refs):
@@ -262,7 +261,7 @@ def _lean_job(job: Job, inputs: Inputs) -> Optional[_Lean]:
 
 
 def _lean_units(job: Job, lean: _Lean, inputs: Inputs, writer: Any) -> Iterator[Unit]:
-    """``linear`` / ``task_arithmetic`` in numpy, slice by slice (whole tensors up to
+    """``task_arithmetic`` in numpy, slice by slice (whole tensors up to
     ``ELEMENTWISE_SLICE`` elements); NaN/Inf checked on each slice's output as in
     :func:`_elementwise_units`."""
     import numpy as np
@@ -284,11 +283,8 @@ def _lean_units(job: Job, lean: _Lean, inputs: Inputs, writer: Any) -> Iterator[
 
     def process(raws: list[Any], a: int) -> None:
         work = [enp.to_work(raw, dtype, lean.compute) for raw, dtype in zip(raws, lean.stored)]
-        if job.method.name == "linear":
-            out = enp.linear(work, params["weight"], dtype=lean.compute, normalize=params["normalize"])
-        else:
-            out = enp.task_arithmetic(work[1:], work[0], params["weight"], dtype=lean.compute,
-                                      normalize=params["normalize"], lambda_=params["lambda"])
+        out = enp.task_arithmetic(work[1:], work[0], params["weight"], dtype=lean.compute,
+                                  normalize=params["normalize"], lambda_=params["lambda"])
         if inputs.options.nan_policy != "ignore" and enp.has_nonfinite(out):
             for ref, x in zip(refs, work):
                 if enp.has_nonfinite(x):

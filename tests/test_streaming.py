@@ -25,7 +25,7 @@ from tests.test_cli_merge import assert_close, check_loads_and_runs, run_yaml, w
 @pytest.fixture
 def sliced(monkeypatch):
     """Lower the slicing thresholds and count the flat-slice reads of the torch path (the numpy
-    path of linear / task_arithmetic is off here: tests/test_elementwise_np.py covers it)."""
+    path of task_arithmetic is off here: tests/test_elementwise_np.py covers it)."""
     monkeypatch.setattr(executor, "NUMPY_ELEMENTWISE", False)
     monkeypatch.setattr(executor, "CHUNK_ELEMENTS", 1000)
     monkeypatch.setattr(executor, "ELEMENTWISE_SLICE", 300)

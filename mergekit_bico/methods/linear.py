@@ -1,7 +1,7 @@
 """``linear``: weighted average of the inputs (mergekit 0.1.5 semantics).
 
-    result = sum_i w_i * M_i            (accumulated in input order in float32; float64 inputs in float64)
-    if normalize: result /= sum_i w_i   (weights summed in order in the same precision)
+    result = sum_i w_i * M_i            (accumulated in float32; float64 inputs in float64)
+    if normalize: result /= sum_i w_i   (weights summed in the same precision)
 
 The result is cast back to the computation dtype. ``linear`` has no base role:
 mergekit nevertheless appends ``base_model`` as one more input (with the
@@ -18,7 +18,6 @@ from mergekit_bico.dtypes import torch
 
 from mergekit_bico.errors import ConfigError
 from mergekit_bico.methods.registry import MergeMethod, ParamSpec, check_finite, register
-from mergekit_bico.methods.task_arithmetic import weight_sum
 
 __all__ = ["linear_merge"]
 
@@ -32,7 +31,7 @@ def linear_merge(
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     weights = torch.tensor(list(weight), dtype=dtype, device=first.device)
     if normalize:
-        total = weight_sum(weights)
+        total = weights.sum()
         if float(total) == 0.0:
             raise ConfigError(
                 "linear: weights sum to 0 with normalize: true (division by zero);"
@@ -40,9 +39,7 @@ def linear_merge(
             )
     result = torch.zeros_like(first, dtype=dtype)
     for tensor, coefficient in zip(tensors, weights.unbind(0), strict=True):
-        # a product, then a sum: two roundings, as mergekit's (weights * tensors).sum(0) and the
-        # numpy kernel (addcmul_ may fuse them into one)
-        result.add_(tensor.to(dtype) * coefficient)
+        result.addcmul_(tensor, coefficient)
     if normalize:
         result.div_(total)
     return result.to(first.dtype)

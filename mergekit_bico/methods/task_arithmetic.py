@@ -60,30 +60,6 @@ def sign_consensus_mask(deltas: torch.Tensor, method: str = "sum") -> torch.Tens
     return torch.where(positive, deltas > 0, deltas < 0)
 
 
-def weight_sum(weights: torch.Tensor) -> torch.Tensor:
-    """Sum of the weights (any shape), added in order in float32 (float64 for float64) and
-    rounded to their dtype once: torch's ``sum`` of a few elements, without its dependence on
-    the CPU's vector width (the numpy kernels, :mod:`~mergekit_bico.methods.elementwise_np`, add
-    the same way). A 0-d tensor."""
-    acc = torch.float64 if weights.dtype == torch.float64 else torch.float32
-    total = torch.zeros((), dtype=acc, device=weights.device)
-    for w in weights.reshape(-1).to(acc):
-        total = total + w
-    return total.to(weights.dtype)
-
-
-def sum_in_order(deltas: torch.Tensor) -> torch.Tensor:
-    """``deltas.sum(dim=0)`` (n, *shape) -> shape, added in input order: in float32 for the 16-bit
-    dtypes (rounded once at the end, as torch's ``sum`` accumulates them), else in the dtype.
-    torch's own ``sum`` changes its order with the reduction size and the CPU's vector width
-    (measured: 5 inputs, one element of 12001 off by an ulp); this order is the numpy kernel's."""
-    half = deltas.dtype in (torch.float16, torch.bfloat16)
-    total = deltas[0].float() if half else deltas[0].clone()
-    for index in range(1, deltas.shape[0]):
-        total.add_(deltas[index])
-    return total.to(deltas.dtype) if half else total
-
-
 def generalized_task_arithmetic(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
@@ -152,8 +128,8 @@ def generalized_task_arithmetic(
         del mask
         divisor[divisor == 0] = 1
     else:
-        mixed = sum_in_order(deltas)
-        divisor = weight_sum(weights).reshape([1] * base.dim())
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     del deltas
 
