@@ -262,7 +262,7 @@ def ensure_bf16_models(workdir: Path, size: int, models: dict[str, Path]) -> dic
     return paths
 
 
-# the torch path of the same CLI: the numpy kernels of linear / task_arithmetic switched off
+# the torch path of the same CLI: the numpy kernel of task_arithmetic switched off
 TORCH_PATH_CODE = ("import mergekit_bico.executor as E; E.NUMPY_ELEMENTWISE = False; "
                    "from mergekit_bico.cli import yaml_main; yaml_main()")
 
@@ -301,7 +301,7 @@ def ours_cmd(args: argparse.Namespace) -> list[str]:
 
 def imports_torch(args: argparse.Namespace, cfg: Path, out: Path) -> Optional[bool]:
     """Whether our merge of ``cfg`` imports torch (one untimed run in a child; None with
-    ``--ours-bin``, whose interpreter we do not control). linear / task_arithmetic run in numpy
+    ``--ours-bin``, whose interpreter we do not control). task_arithmetic runs in numpy
     and need not. It writes into its own ``out`` (not the timed run's output, which is compared
     with mergekit's afterwards) and removes it."""
     if args.ours_bin:

@@ -1,6 +1,6 @@
 """Tensor dtypes by name, without importing torch.
 
-Planning, header parsing, the output layout and the numpy kernels of the elementwise methods
+Planning, header parsing, the output layout and the numpy kernel of task_arithmetic
 (:mod:`mergekit_bico.methods.elementwise_np`) work on dtype *names* (``"bfloat16"``) and the
 safetensors tags of the headers (``"BF16"``); torch dtypes are made from them only where torch
 runs (:func:`torch_dtype`). A merge that needs no torch then never imports it (``import torch``
