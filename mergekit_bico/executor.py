@@ -209,7 +209,6 @@ class _Lean:
     out: str
 
 
-_LEAN_DTYPES = ("float64", "float32", "float16", "bfloat16")
 #: run eligible elementwise jobs in numpy (False: every job in torch; tests compare the two)
 NUMPY_ELEMENTWISE = True
 
@@ -245,7 +244,7 @@ def _lean_job(job: Job, inputs: Inputs) -> Optional[_Lean]:
         if not model.can_read_raw(r.tensor) or tuple(model.shape(r.tensor)) != tuple(job.shape):
             return None
         stored.append(model.dtype_name(r.tensor))
-    if any(d not in _LEAN_DTYPES for d in stored):
+    if any(d not in enp.STORAGE for d in stored):
         return None
     compute = inputs.compute_name
     if compute is None:

@@ -15,9 +15,9 @@ module (commit a35e016), which did, merged the 608M-parameter benchmark models i
 6.8-7.4 s against torch's 3.7-4.8 s (README, "Merge methods").
 
 The sum over the inputs' deltas is the one step whose order torch chooses: ``deltas.sum(dim=0)``
-(mergekit's call, and ours) adds up to four inputs in order, but not five or more (measured on
-this machine: a few elements in 500K differ from the in-order sum by an ulp, for every count from
-5 to 12, in float32 and float64). So this path takes at most :data:`MAX_INPUTS` inputs; more run in
+(mergekit's call, and ours) adds up to four inputs in order (the kernel tests check it for 1-4),
+but not five or more (tried on this machine in float32 and float64: some elements differed from
+the in-order sum by an ulp). So this path takes at most :data:`MAX_INPUTS` inputs; more run in
 torch. ``linear`` is not here at all: mergekit's ``addcmul_`` fuses each multiply-add into one
 rounding on the CPU's vector units (and not on its scalar tail), which numpy cannot reproduce.
 
