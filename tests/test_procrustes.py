@@ -216,6 +216,34 @@ def test_eigh_path_equals_the_svd_path(monkeypatch, shape, rank, prior):
     torch.testing.assert_close(gram, eye, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("prior", [0.0, "auto"])
+def test_eigh_path_fits_a_stack_one_matrix_at_a_time(monkeypatch, prior):
+    """A stack of wide matrices is fitted one matrix at a time (each with its own traces and
+    prior): the same fits as fitting each matrix alone, in the stack's order."""
+    from mergekit_bico.transfer import procrustes as pr
+
+    monkeypatch.setattr(pr, "EIGH_MIN_DIM", 1)
+    gen = torch.Generator().manual_seed(5)
+    cs, traces = [], []
+    for scale, noise in [(1.0, 0.2), (3.0, 1.0), (0.5, 0.05)]:
+        x_a = torch.randn(200, 30, generator=gen, dtype=torch.float64)
+        near_identity = pr.polar(torch.eye(30, dtype=torch.float64) + 0.3 * torch.randn(30, 30, generator=gen, dtype=torch.float64))
+        x_b = scale * x_a @ near_identity + noise * torch.randn(200, 30, generator=gen, dtype=torch.float64)
+        cs.append(x_a.T @ x_b)
+        traces.append([float((x_a * x_a).sum()), float((x_b * x_b).sum())])
+    stack, traces = torch.stack(cs), torch.tensor(traces, dtype=torch.float64)
+    fits = pr.procrustes_batched(stack, rtol=1e-7, prior=prior, traces=traces)
+    assert len(fits) == 3
+    priors = set()
+    for c, t, fit in zip(cs, traces, fits):
+        alone = pr.procrustes(c, rtol=1e-7, prior=prior, traces=tuple(t.tolist()))
+        torch.testing.assert_close(fit.r, alone.r, rtol=0, atol=1e-12)
+        assert fit.rank == alone.rank and fit.prior == alone.prior and fit.misfit == alone.misfit
+        assert math.isclose(fit.trace_rc, float((alone.r * c).sum()), rel_tol=1e-12)
+        priors.add(fit.prior)
+    assert len(priors) == (3 if prior == "auto" else 1)     # each matrix got its own prior
+
+
 @pytest.mark.parametrize("eigh", [False, True])
 @pytest.mark.parametrize("shape", [(40, 40), (50, 36), (36, 50)])
 @pytest.mark.parametrize("rank", [39, 33, 20, 1])

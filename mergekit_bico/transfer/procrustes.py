@@ -173,18 +173,17 @@ def _nuclear(c: torch.Tensor, gram: Optional[torch.Tensor] = None) -> torch.Tens
     return torch.linalg.svdvals(c).sum(-1)
 
 
-def _shifted_gram(gram: torch.Tensor, c: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """The smaller Gram matrix of ``C + beta I_{d_A x d_B}`` from that of ``C`` without another
-    product: ``G + beta (P + P^T) + beta^2 I`` with ``P`` the leading min(d_A, d_B) square block of
-    ``C`` (``I C^T`` / ``I^T C`` keep exactly those rows / columns)."""
+def _shift_gram_(gram: torch.Tensor, c: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Turn ``gram``, the smaller Gram matrices of a stack ``c``, in place into those of
+    ``C + beta I_{d_A x d_B}`` without another product: ``G + beta (P + P^T) + beta^2 I`` with ``P``
+    the leading min(d_A, d_B) square block of ``C`` (``I C^T`` / ``I^T C`` keep exactly those rows /
+    columns)."""
     k = gram.shape[-1]
-    out = torch.empty_like(gram)
-    for i in range(gram.shape[0]):          # per matrix, in place: a stack-wide transpose is slower
+    for i in range(gram.shape[0]):          # per matrix: a stack-wide transpose is slower
         p, b = c[i, :k, :k], float(beta[i])
-        torch.add(gram[i], p, alpha=b, out=out[i])
-        out[i].add_(p.T, alpha=b)
-        out[i].diagonal().add_(b * b)
-    return out
+        gram[i].add_(p, alpha=b).add_(p.T, alpha=b)
+        gram[i].diagonal().add_(b * b)
+    return gram
 
 
 def identity_share(c: torch.Tensor, nuclear: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -244,14 +243,20 @@ def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL,
         c = c.unsqueeze(0)
     c = c.to(torch.float64)
     d_a, d_b = c.shape[1:]
-    data = c
     by_eigh = min(d_a, d_b) >= EIGH_MIN_DIM
+    if by_eigh and c.shape[0] > 1:
+        # one wide matrix at a time: LAPACK loops over a stack anyway, and (d, d) float64 temporaries
+        # (19 MiB at 1536) are reused from the heap where a stack's would be fresh pages every time
+        return [fit for i in range(c.shape[0])
+                for fit in procrustes_batched(c[i:i + 1], rtol=rtol, prior=prior,
+                                              traces=None if traces is None else traces[i:i + 1])]
+    data = c
     gram = _gram(c) if by_eigh else None     # shared by the nuclear norms and the eigenproblem
     priors, misfits = _auto_prior(c, traces, gram) if prior == "auto" else (resolve_prior(c, prior), None)
     if bool((priors > 0).any()):
         beta = priors * torch.linalg.matrix_norm(c) / min(d_a, d_b) ** 0.5
         if gram is not None:
-            gram = _shifted_gram(gram, c, beta)
+            gram = _shift_gram_(gram, c, beta)
         c = c.clone()
         c.diagonal(dim1=1, dim2=2).add_(beta[:, None])      # C + beta I_{d_A x d_B}
     if by_eigh:
@@ -270,7 +275,7 @@ def procrustes_batched(c: torch.Tensor, *, rtol: float = DEFAULT_RTOL,
             r_i = _complete(c[i], u[i], vh[i], rank, u_full=u_full, v_full=v_full)
         else:
             r_i = u[i] @ vh[i]
-        fits.append(ProcrustesFit(r=r_i, singular_values=s_i, rank=rank, trace_rc=float((r_i * data[i]).sum()),
+        fits.append(ProcrustesFit(r=r_i, singular_values=s_i, rank=rank, trace_rc=float(torch.dot(r_i.reshape(-1), data[i].reshape(-1))),
                                   prior=float(priors[i]), misfit=None if misfits is None else float(misfits[i])))
     return fits
 
