@@ -58,7 +58,7 @@ wordnet:
 # every task in every setting, longer still)
 TRANSFER_ARGS ?= --settings real reverse version --tasks wordnet subjectivity sentiment --seed-tasks wordnet subjectivity --other-tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --fewshot-settings real reverse version --identity-prior 0 1 --prior-settings version
 
-# the width setting (L6 widened to 768 and continued-trained; 33 min from an empty cache on 2 cores, base build included)
+# the width setting (L6 widened to 768 and continued-trained; 17 min from an empty cache on 2 cores, base build included)
 WIDTH_ARGS ?= --settings width --tasks wordnet --seeds 0 1 2 --other-seeds 0 1 2 --no-fewshot --no-compose --no-ablations --results benchmarks/results/width
 
 # identity_prior on a stronger release drift (the `version` base continued-trained at lr 5e-4, seed 0)
